@@ -1,0 +1,1 @@
+"""pyens benchmark suites (pytest-benchmark) and their report: ``python -m bench.report``."""

@@ -1,0 +1,450 @@
+// CPU kernels of the lp step family: steepest direction V_p(g), exact projection onto the
+// lp ball ∩ box, and the fused PGD step delta' = Π(delta + alpha V_p(g)) of MAT eq. (6).
+//
+// Rows are independent, so rows are spread over ATen's intra-op pool (OpenMP in torch's
+// CPU builds: one runtime, and torch.set_num_threads governs it); inner loops are plain
+// contiguous loops with `omp simd` reductions so that GCC vectorises them without
+// -ffast-math. The l1/l2 ∩ box thresholds are found by an exact per-row threshold search
+// (random-pivot bracketing over the breakpoints, expected O(n), no sort), the l1 top-k by
+// selection (std::nth_element), never by sorting rows.
+#include "lp_step.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace pyens {
+namespace {
+
+// Forced inlining puts the row kernels inside each target clone below, so the clones really
+// are compiled for their ISA (a call out to a baseline instantiation would not be).
+#if defined(__GNUC__)
+#define PYENS_INLINE __attribute__((always_inline)) inline
+#else
+#define PYENS_INLINE inline
+#endif
+
+template <typename T>
+struct Scratch {
+  std::vector<T> p0, p1, p2;  // candidate breakpoints and their weights
+};
+
+// Deterministic pseudo-random pivots: expected linear time without a global RNG.
+struct XorShift {
+  uint32_t s;
+  uint32_t next() {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    return s;
+  }
+};
+
+template <typename T>
+inline T sgn(T v) {
+  return static_cast<T>(v > T(0)) - static_cast<T>(v < T(0));
+}
+
+// Smallest lam >= 0 with f(lam) = sum_i min(max(u_i - lam, 0), r_i) <= eps, given f(0) > eps.
+// f is continuous, non-increasing and linear between the breakpoints {u_i - r_i, u_i}; a
+// bracket (L, U) with f(L) > eps >= f(U) is shrunk onto breakpoints taken from the
+// coordinates that still have one inside it. Coordinates whose piece is fixed on the whole
+// bracket are folded into (clamped, linear) sums, so each round touches fewer of them; when
+// none is left f is linear on the bracket and the root is solved in closed form.
+// Croce & Hein 2021 ("Mind the box") for r < inf; Duchi et al. 2008 for r = inf.
+template <typename T>
+PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, double hi, double eps,
+                    bool boxed, Scratch<T>& s, uint32_t seed) {
+  s.p0.resize(n);
+  s.p1.resize(n);
+  s.p2.resize(n);
+  T* cu = s.p0.data();
+  T* cv = s.p1.data();
+  T* cr = s.p2.data();
+  int64_t nc = 0;
+  double upper = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T u = std::abs(y[i]);
+    T r = std::numeric_limits<T>::infinity();
+    if (boxed) r = y[i] >= T(0) ? std::max(T(hi) - x[i], T(0)) : std::max(x[i] - T(lo), T(0));
+    if (!(u > T(0)) || !(r > T(0))) continue;  // contributes nothing for any lam >= 0
+    cu[nc] = u;
+    cv[nc] = std::max(u - r, T(0));
+    cr[nc] = r;
+    upper = std::max(upper, static_cast<double>(u));
+    ++nc;
+  }
+  double lower = 0, clamped = 0, lin_sum = 0;
+  int64_t lin_cnt = 0;
+  XorShift rng{seed | 1u};
+  for (;;) {
+    int64_t keep = 0;
+    for (int64_t i = 0; i < nc; ++i) {
+      const double u = cu[i], v = cv[i];
+      if (u <= lower) continue;  // zero on the whole bracket
+      if (v >= upper) {          // clamped at r on the whole bracket
+        clamped += cr[i];
+        continue;
+      }
+      if (v <= lower && u >= upper) {  // u - lam on the whole bracket
+        lin_sum += u;
+        ++lin_cnt;
+        continue;
+      }
+      cu[keep] = cu[i];
+      cv[keep] = cv[i];
+      cr[keep] = cr[i];
+      ++keep;
+    }
+    nc = keep;
+    if (nc == 0) break;
+    const int64_t j = static_cast<int64_t>(rng.next() % static_cast<uint32_t>(nc));
+    const double pivot = (cv[j] > lower && cv[j] < upper) ? double(cv[j]) : double(cu[j]);
+    double f = clamped + lin_sum - lin_cnt * pivot;
+#pragma omp simd reduction(+ : f)
+    for (int64_t i = 0; i < nc; ++i)
+      f += std::min(std::max(double(cu[i]) - pivot, 0.0), double(cr[i]));
+    if (f <= eps)
+      upper = pivot;
+    else
+      lower = pivot;
+  }
+  if (lin_cnt == 0) return upper;
+  const double lam = (clamped + lin_sum - eps) / double(lin_cnt);
+  return std::min(std::max(lam, lower), upper);
+}
+
+// Largest t in [0, 1] with F(t) = sum_i clamp(t y_i, a_i, b_i)^2 <= eps^2, given F(1) > eps^2.
+// Coordinate i is free (t y_i) below its breakpoint t_i and at its bound c_i above, so
+// F(t) = t^2 S(t) + C(t) is piecewise quadratic; same bracketing scheme as l1_threshold.
+template <typename T>
+PYENS_INLINE double l2_threshold(const T* y, const T* x, int64_t n, double lo, double hi, double eps,
+                    Scratch<T>& s, uint32_t seed) {
+  s.p0.resize(n);
+  s.p1.resize(n);
+  s.p2.resize(n);
+  T* ct = s.p0.data();
+  T* cy2 = s.p1.data();
+  T* cc2 = s.p2.data();
+  int64_t nc = 0;
+  double free_sum = 0;  // sum of y^2 over coordinates that never reach their bound for t <= 1
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = y[i];
+    const T bound = v > T(0) ? std::max(T(hi) - x[i], T(0)) : std::min(T(lo) - x[i], T(0));
+    if (v == T(0) || bound == T(0)) continue;  // zero for every t > 0
+    const T t = bound / v;
+    if (t >= T(1)) {
+      free_sum += double(v) * double(v);
+      continue;
+    }
+    ct[nc] = t;
+    cy2[nc] = v * v;
+    cc2[nc] = bound * bound;
+    ++nc;
+  }
+  const double e2 = eps * eps;
+  double lower = 0, upper = 1, clamped = 0;
+  XorShift rng{seed | 1u};
+  for (;;) {
+    int64_t keep = 0;
+    for (int64_t i = 0; i < nc; ++i) {
+      const double t = ct[i];
+      if (t <= lower) {
+        clamped += cc2[i];
+        continue;
+      }
+      if (t >= upper) {
+        free_sum += cy2[i];
+        continue;
+      }
+      ct[keep] = ct[i];
+      cy2[keep] = cy2[i];
+      cc2[keep] = cc2[i];
+      ++keep;
+    }
+    nc = keep;
+    if (nc == 0) break;
+    const double pivot = ct[rng.next() % static_cast<uint32_t>(nc)];
+    double fs = free_sum, fc = clamped;
+#pragma omp simd reduction(+ : fs, fc)
+    for (int64_t i = 0; i < nc; ++i) {
+      const bool is_free = double(ct[i]) > pivot;
+      fs += is_free ? double(cy2[i]) : 0.0;
+      fc += is_free ? 0.0 : double(cc2[i]);
+    }
+    if (pivot * pivot * fs + fc <= e2)
+      lower = pivot;
+    else
+      upper = pivot;
+  }
+  if (!(free_sum > 0)) return lower;
+  const double t = std::sqrt(std::max(e2 - clamped, 0.0) / free_sum);
+  return std::min(std::max(t, lower), upper);
+}
+
+// Writes V_1(g) scaled by `scale` (alpha for a step) and added to `base` (delta, or null).
+// Movable: g != 0 and the step would not push x + delta further past the box. The k largest
+// |g| among them are kept, ties to the lowest index, each moving scale / k_selected.
+constexpr int kSmallK = 64;
+
+template <typename T>
+PYENS_INLINE void l1_direction(const T* g, const T* x, const T* d, T* out, int64_t n, int k, double lo,
+                  double hi, double scale, const T* base, std::vector<T>& vals) {
+  vals.resize(n);
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i], p = x[i] + d[i];
+    const bool movable = gi != T(0) && !(p >= T(hi) && gi > T(0)) && !(p <= T(lo) && gi < T(0));
+    if (movable) vals[cnt++] = std::abs(gi);
+  }
+  T tau = T(0);
+  int64_t ties = std::numeric_limits<int64_t>::max();
+  const int64_t ks = std::min<int64_t>(cnt, k);
+  if (cnt > k) {
+    int64_t above = 0;
+    if (k <= kSmallK) {
+      // A k-element min-heap: after it fills, almost every value loses one comparison
+      // against the heap's minimum, so this is ~n compares for the papers' k = 20.
+      T heap[kSmallK];
+      std::copy(vals.begin(), vals.begin() + k, heap);
+      std::make_heap(heap, heap + k, std::greater<T>());
+      for (int64_t i = k; i < cnt; ++i) {
+        if (vals[i] > heap[0]) {
+          std::pop_heap(heap, heap + k, std::greater<T>());
+          heap[k - 1] = vals[i];
+          std::push_heap(heap, heap + k, std::greater<T>());
+        }
+      }
+      tau = heap[0];
+      for (int i = 0; i < k; ++i) above += heap[i] > tau;  // every value above tau is in the heap
+    } else {
+      std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.begin() + cnt, std::greater<T>());
+      tau = vals[k - 1];
+      for (int64_t i = 0; i < cnt; ++i) above += vals[i] > tau;
+    }
+    ties = k - above;
+  }
+  const T step = ks > 0 ? T(scale / double(ks)) : T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i], p = x[i] + d[i], ag = std::abs(gi);
+    const bool movable = gi != T(0) && !(p >= T(hi) && gi > T(0)) && !(p <= T(lo) && gi < T(0));
+    bool chosen = movable && ag >= tau;
+    if (chosen && ag == tau) chosen = ties-- > 0;
+    const T v = chosen ? sgn(gi) * step : T(0);
+    out[i] = base ? base[i] + v : v;
+  }
+}
+
+template <typename T>
+PYENS_INLINE int finite_bits(const T* v, int64_t n, int bit) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !((v[i] - v[i]) == T(0));
+  return bad ? bit : 0;
+}
+
+// linf: clamp(delta + alpha sign(g), max(-eps, a), min(eps, b)) is exact for the
+// intersection, so the whole step is one pass; the finite checks ride along in it.
+template <typename T>
+PYENS_INLINE int linf_row(int mode, const T* d, const T* g, const T* x, T* out, int64_t n, T e, T a, T lo, T hi) {
+  int bad_d = 0, bad_g = 0, bad_x = 0;
+  if (mode == kDirection) {
+#pragma omp simd reduction(| : bad_d, bad_g, bad_x)
+    for (int64_t i = 0; i < n; ++i) {
+      bad_d |= !((d[i] - d[i]) == T(0));
+      bad_g |= !((g[i] - g[i]) == T(0));
+      bad_x |= !((x[i] - x[i]) == T(0));
+      out[i] = sgn(g[i]);
+    }
+  } else if (mode == kProject) {
+#pragma omp simd reduction(| : bad_d, bad_x)
+    for (int64_t i = 0; i < n; ++i) {
+      const T di = d[i], xi = x[i];
+      bad_d |= !((di - di) == T(0));
+      bad_x |= !((xi - xi) == T(0));
+      out[i] = std::min(std::max(di, std::max(-e, std::min(lo - xi, T(0)))), std::min(e, std::max(hi - xi, T(0))));
+    }
+  } else {
+#pragma omp simd reduction(| : bad_d, bad_g, bad_x)
+    for (int64_t i = 0; i < n; ++i) {
+      const T di = d[i], gi = g[i], xi = x[i];
+      bad_d |= !((di - di) == T(0));
+      bad_g |= !((gi - gi) == T(0));
+      bad_x |= !((xi - xi) == T(0));
+      out[i] = std::min(std::max(di + a * sgn(gi), std::max(-e, std::min(lo - xi, T(0)))),
+                        std::min(e, std::max(hi - xi, T(0))));
+    }
+  }
+  return (bad_d ? kBadDelta : 0) | (bad_g ? kBadGrad : 0) | (bad_x ? kBadX : 0);
+}
+
+template <typename T>
+PYENS_INLINE int lp_row(const LpParams& p, int64_t row, const T* d, const T* g, const T* x, T* out, int64_t n,
+           Scratch<T>& s) {
+  const int m = static_cast<int>(row % p.members);
+  const int norm = p.norm[m];
+  const double eps = p.eps[m], alpha = p.alpha[m];
+  const T lo = T(p.lo), hi = T(p.hi);
+  const bool reads_grad = p.mode != kProject;
+  const uint32_t seed = 0x9E3779B9u ^ static_cast<uint32_t>(row * 2654435761u);
+
+  if (norm == kLinf) return linf_row(p.mode, d, g, x, out, n, T(eps), T(alpha), lo, hi);
+
+  int flags = finite_bits(d, n, kBadDelta) | finite_bits(x, n, kBadX);
+  if (reads_grad) flags |= finite_bits(g, n, kBadGrad);
+  if (flags) return flags;
+
+  // y = delta (+ alpha * direction) goes to `out`, which then is projected in place.
+  if (norm == kL2) {
+    if (p.mode != kProject) {
+      double g2 = 0;
+#pragma omp simd reduction(+ : g2)
+      for (int64_t i = 0; i < n; ++i) g2 += double(g[i]) * double(g[i]);
+      const double inv = 1.0 / std::max(std::sqrt(g2), 1e-12);
+      const T sc = T((p.mode == kDirection ? 1.0 : alpha) * inv);
+      if (p.mode == kDirection) {
+        for (int64_t i = 0; i < n; ++i) out[i] = g[i] * sc;
+        return 0;
+      }
+      for (int64_t i = 0; i < n; ++i) out[i] = d[i] + sc * g[i];
+    } else {
+      std::copy(d, d + n, out);
+    }
+    if (p.exact) {
+      double c2 = 0;
+#pragma omp simd reduction(+ : c2)
+      for (int64_t i = 0; i < n; ++i) {
+        const double c = std::min(std::max(out[i], std::min(lo - x[i], T(0))), std::max(hi - x[i], T(0)));
+        c2 += c * c;
+      }
+      T t = T(1);
+      if (eps == 0)
+        t = T(0);
+      else if (c2 > eps * eps)
+        t = T(l2_threshold(out, x, n, p.lo, p.hi, eps, s, seed));
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = std::min(std::max(t * out[i], std::min(lo - x[i], T(0))), std::max(hi - x[i], T(0)));
+    } else {
+      double y2 = 0;
+#pragma omp simd reduction(+ : y2)
+      for (int64_t i = 0; i < n; ++i) y2 += double(out[i]) * double(out[i]);
+      const double ny = std::sqrt(y2);
+      const T sc = ny > eps ? T(eps / ny) : T(1);
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = std::min(std::max(sc * out[i], std::min(lo - x[i], T(0))), std::max(hi - x[i], T(0)));
+    }
+    return 0;
+  }
+
+  // l1
+  if (p.mode == kDirection) {
+    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, 1.0, static_cast<const T*>(nullptr), s.p0);
+    return 0;
+  }
+  if (p.mode == kStep)
+    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, alpha, d, s.p0);
+  else
+    std::copy(d, d + n, out);
+  double mass = 0;
+#pragma omp simd reduction(+ : mass)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = out[i];
+    const T r = v >= T(0) ? std::max(hi - x[i], T(0)) : std::max(x[i] - lo, T(0));
+    mass += p.exact ? std::min(std::abs(v), r) : std::abs(v);
+  }
+  double lam = 0;
+  if (mass > eps)
+    lam = eps == 0 ? std::numeric_limits<double>::infinity()
+                   : l1_threshold(out, x, n, p.lo, p.hi, eps, p.exact, s, seed);
+  const T l = T(lam);
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = out[i];
+    const T shrunk = sgn(v) * std::max(std::abs(v) - l, T(0));
+    // exact: min(shrunk, room) along sign(v) is the box clamp of the shrunk value.
+    out[i] = std::min(std::max(shrunk, std::min(lo - x[i], T(0))), std::max(hi - x[i], T(0)));
+  }
+  return 0;
+}
+
+// The wheel targets baseline x86-64; target_clones adds an AVX2 copy of the row kernel
+// (with the template inlined into it) that the loader picks on CPUs that have it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYENS_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYENS_CLONES
+#endif
+
+PYENS_CLONES int lp_rows_range_f32(const LpParams& p, int64_t begin, int64_t end, const float* d,
+                                   const float* g, const float* x, float* out, int64_t n,
+                                   Scratch<float>& s) {
+  int flags = 0;
+  for (int64_t r = begin; r < end; ++r)
+    flags |= lp_row<float>(p, r, d + r * n, g + r * n, x + r * n, out + r * n, n, s);
+  return flags;
+}
+
+PYENS_CLONES int lp_rows_range_f64(const LpParams& p, int64_t begin, int64_t end, const double* d,
+                                   const double* g, const double* x, double* out, int64_t n,
+                                   Scratch<double>& s) {
+  int flags = 0;
+  for (int64_t r = begin; r < end; ++r)
+    flags |= lp_row<double>(p, r, d + r * n, g + r * n, x + r * n, out + r * n, n, s);
+  return flags;
+}
+
+inline int lp_rows_range(const LpParams& p, int64_t b, int64_t e, const float* d, const float* g,
+                         const float* x, float* o, int64_t n, Scratch<float>& s) {
+  return lp_rows_range_f32(p, b, e, d, g, x, o, n, s);
+}
+inline int lp_rows_range(const LpParams& p, int64_t b, int64_t e, const double* d, const double* g,
+                         const double* x, double* o, int64_t n, Scratch<double>& s) {
+  return lp_rows_range_f64(p, b, e, d, g, x, o, n, s);
+}
+
+std::tuple<at::Tensor, at::Tensor> lp_rows_cpu(int64_t mode, const at::Tensor& delta,
+                                               const at::Tensor& grad, const at::Tensor& x,
+                                               at::IntArrayRef norms, at::ArrayRef<double> eps,
+                                               at::ArrayRef<double> alpha, at::IntArrayRef k,
+                                               double lo, double hi, bool exact) {
+  check_lp_rows(delta, grad, x);
+  TORCH_CHECK(x.device().is_cpu(), "lp_rows (cpu): x must be a CPU tensor, got ", x.device());
+  const LpParams p = make_lp_params(mode, norms, eps, alpha, k, lo, hi, exact);
+  const at::Tensor d = delta.contiguous(), g = grad.contiguous(), xx = x.contiguous();
+  at::Tensor out = at::empty_like(xx);
+  const int64_t rows = xx.size(0), n = xx.size(1);
+  std::atomic<int> flags{0};
+  AT_DISPATCH_FLOATING_TYPES(xx.scalar_type(), "lp_rows_cpu", [&] {
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* xp = xx.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // Enough rows per task to amortise the scratch buffers and the pool's wake-up.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> s;
+      const int local = lp_rows_range(p, begin, end, dp, gp, xp, op, n, s);
+      if (local) flags.fetch_or(local);
+    });
+  });
+  at::Tensor f = at::full({1}, flags.load(), xx.options().dtype(at::kInt));
+  return {out, f};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyens_C, m) {
+  m.def(
+      "lp_rows(int mode, Tensor delta, Tensor grad, Tensor x, int[] norms, float[] eps, "
+      "float[] alpha, int[] k, float lo, float hi, bool exact) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyens_C, CPU, m) { m.impl("lp_rows", &lp_rows_cpu); }
+
+}  // namespace pyens

@@ -1,0 +1,3 @@
+from pyens.cli import main
+
+raise SystemExit(main())

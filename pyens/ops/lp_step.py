@@ -1,0 +1,312 @@
+"""The lp step family: ``lp_project``, ``steepest_direction`` and the fused ``lp_step``.
+
+These are the inner loop of PGD-based adversarial training and of MAT (MAT paper, eq. 6):
+
+    delta <- Π_{B_p(eps) ∩ box}( delta + alpha * V_p(grad) )
+
+Each public function checks its arguments (errors name the argument), reshapes the input to
+rows ``[R, n]`` and calls a ``torch.library`` custom op (``pyens::lp_step`` etc.) whose fake
+kernel makes it traceable by ``torch.compile(fullgraph=True)``. The op's implementation picks
+a backend (:mod:`pyens.ops._backend`) and runs that backend's ``lp_rows`` kernel; all
+backends share this schema, these checks and the finite-input check, and differ only in the
+kernel. Outputs never carry autograd history (the step is not differentiated through).
+
+Member layout (MIMO / MAT): with ``members=M`` (or any of ``norm``/``eps``/``alpha``/``k``
+given as a length-M sequence), inputs are ``[B, M, ...]`` and every (sample, member) row uses
+its member's parameters; all members run in ONE kernel launch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence, Union
+
+import torch
+
+from pyens.ops._backend import Kernel, Op, register_op
+from pyens.reference.lp_step import DIRECTION, L1, L2, LINF, PROJECT, STEP
+
+Norm = Union[str, float, int]
+_NORMS = {"linf": LINF, "inf": LINF, "l2": L2, "2": L2, "l1": L1, "1": L1}
+_PROJECTIONS = ("exact", "sequential")
+
+
+def _load_cpu():
+    from pyens.ops._backend import _compiled
+
+    _compiled()  # importing pyens._C registers pyens_C::lp_rows
+    return torch.ops.pyens_C.lp_rows
+
+
+def _load_cuda():
+    return _load_cpu()  # one schema; the dispatcher routes CUDA tensors to the .cu kernel
+
+
+def _load_triton():
+    from pyens.kernels.lp_step import lp_rows
+
+    return lp_rows
+
+
+def _load_reference():
+    from pyens.reference.lp_step import lp_rows
+
+    return lp_rows
+
+
+def _triton_max_n() -> int:
+    return 65536  # pyens.kernels.lp_step.MAX_N; kept here so that choosing does not import triton
+
+
+_CPU_DTYPES = frozenset({torch.float32, torch.float64})
+OP = register_op(Op("lp_step", {
+    "cuda": Kernel("cuda", _load_cuda),
+    "triton": Kernel("triton", _load_triton, max_n=_triton_max_n()),
+    "cpu": Kernel("cpu", _load_cpu, dtypes=_CPU_DTYPES),
+    "reference": Kernel("reference", _load_reference),
+}))
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (shared by the three public functions)
+
+def norm_code(norm: Norm, name: str = "norm") -> int:
+    """``"linf"``/``inf`` -> 0, ``"l2"``/2 -> 1, ``"l1"``/1 -> 2."""
+    if isinstance(norm, str):
+        key = norm.strip().lower().replace("_", "")
+        if key in _NORMS:
+            return _NORMS[key]
+    elif isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+        if math.isinf(norm) and norm > 0:
+            return LINF
+        if norm == 2:
+            return L2
+        if norm == 1:
+            return L1
+    raise ValueError(f"{name} must be 'linf', 'l2' or 'l1' (or inf, 2, 1), got {norm!r}")
+
+
+def _is_seq(v) -> bool:
+    return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1)
+
+
+def _as_list(v, m: int, name: str) -> list:
+    if _is_seq(v):
+        vals = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+        if len(vals) != m:
+            raise ValueError(f"{name} must have one entry per member ({m}), got {len(vals)}")
+        return vals
+    return [v] * m
+
+
+def _real(v, name: str, *, allow_inf: bool) -> float:
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        v = v.item()
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def _k(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def member_params(norm, eps=0.0, alpha=0.0, k=20, members: int | None = None):
+    """Expand scalar-or-sequence parameters to M-long lists; M = 0 means no member dimension."""
+    lengths = {len(v) for v in (norm, eps, alpha, k) if _is_seq(v)}
+    if len(lengths) > 1:
+        raise ValueError(f"norm, eps, alpha and k given as sequences must share one length, got lengths {sorted(lengths)}")
+    if members is not None:
+        if isinstance(members, bool) or not isinstance(members, numbers.Integral) or members < 1:
+            raise ValueError(f"members must be a positive int, got {members!r}")
+        if lengths and lengths != {members}:
+            raise ValueError(f"members={members} but the parameter sequences have length {lengths.pop()}")
+    m = members or (lengths.pop() if lengths else 0)
+    width = max(m, 1)
+    sfx = (lambda i: f"[{i}]") if m else (lambda i: "")
+    norms = [norm_code(v, f"norm{sfx(i)}") for i, v in enumerate(_as_list(norm, width, "norm"))]
+    epss = [_real(v, f"eps{sfx(i)}", allow_inf=True) for i, v in enumerate(_as_list(eps, width, "eps"))]
+    alphas = [_real(v, f"alpha{sfx(i)}", allow_inf=False) for i, v in enumerate(_as_list(alpha, width, "alpha"))]
+    ks = [_k(v, f"k{sfx(i)}") for i, v in enumerate(_as_list(k, width, "k"))]
+    return m, norms, epss, alphas, ks
+
+
+def _box(box) -> tuple[float, float]:
+    try:
+        lo, hi = box
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be a pair (lo, hi), got {box!r}") from None
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"box must be finite with lo <= hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _projection(projection: str) -> bool:
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"projection must be 'exact' or 'sequential', got {projection!r}")
+    return projection == "exact"
+
+
+def check_tensors(fn: str, members: int, **tensors: torch.Tensor) -> None:
+    """Same shape/dtype/device, floating point, and the member dimension where there is one."""
+    ref_name, ref = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{fn}: {name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{fn}: {name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if ref.dim() == 0:
+        raise ValueError(f"{fn}: {ref_name} must have a batch dimension, got a 0-d tensor")
+    if members and (ref.dim() < 2 or ref.shape[1] != members):
+        raise ValueError(f"{fn}: with {members} members, {ref_name} must be [B, {members}, ...], got {tuple(ref.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops
+
+_BAD = ((1, "delta"), (2, "grad"), (4, "x"))
+
+
+def _run(fn: str, mode: int, delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact):
+    shape = x.shape
+    rows = shape[0] * (shape[1] if members else 1)
+    out_dtype = grad.dtype if mode == DIRECTION else delta.dtype
+    if x.numel() == 0:
+        return torch.empty(shape, dtype=out_dtype, device=x.device)
+    n = x.numel() // rows
+    d2, g2, x2 = (t.reshape(rows, n).contiguous() for t in (delta, grad, x))
+    _, kernel = OP.select(x.device, x.dtype, n)
+    out, flags = kernel(mode, d2, g2, x2, norms, eps, alpha, k, lo, hi, exact)
+    bad = int(flags.item())
+    if bad:
+        names = [name for bit, name in _BAD if bad & bit]
+        raise ValueError(f"{fn}: {', '.join(names)} contain{'s' if len(names) == 1 else ''} NaN or infinity")
+    return out.view(shape)
+
+
+@torch.library.custom_op("pyens::lp_project", mutates_args=())
+def _lp_project_op(delta: torch.Tensor, x: torch.Tensor, members: int, norms: list[int],
+                   eps: list[float], lo: float, hi: float, exact: bool) -> torch.Tensor:
+    m = len(norms)
+    return _run("lp_project", PROJECT, delta, x, x, members, norms, eps, [0.0] * m, [1] * m, lo, hi, exact)
+
+
+@torch.library.custom_op("pyens::steepest_direction", mutates_args=())
+def _steepest_direction_op(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, members: int,
+                           norms: list[int], k: list[int], lo: float, hi: float) -> torch.Tensor:
+    m = len(norms)
+    return _run("steepest_direction", DIRECTION, delta, grad, x, members, norms, [0.0] * m, [0.0] * m, k, lo, hi, True)
+
+
+@torch.library.custom_op("pyens::lp_step", mutates_args=())
+def _lp_step_op(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, members: int, norms: list[int],
+                eps: list[float], alpha: list[float], k: list[int], lo: float, hi: float,
+                exact: bool) -> torch.Tensor:
+    return _run("lp_step", STEP, delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact)
+
+
+@_lp_project_op.register_fake
+def _(delta, x, members, norms, eps, lo, hi, exact):
+    return delta.new_empty(delta.shape)
+
+
+@_steepest_direction_op.register_fake
+def _(grad, x, delta, members, norms, k, lo, hi):
+    return grad.new_empty(grad.shape)
+
+
+@_lp_step_op.register_fake
+def _(delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact):
+    return delta.new_empty(delta.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+def lp_project(delta: torch.Tensor, x: torch.Tensor, *, norm: Norm | Sequence[Norm],
+               eps: float | Sequence[float], box: tuple[float, float] = (0.0, 1.0),
+               projection: str = "exact", members: int | None = None) -> torch.Tensor:
+    """Euclidean projection of ``delta`` onto ``{||z||_p <= eps} ∩ {lo <= x + z <= hi}``.
+
+    Args:
+        delta: ``[B, ...]`` perturbations (or ``[B, M, ...]`` with members); one row per
+            sample (per sample and member), flattened.
+        x: clean inputs, same shape, dtype and device as ``delta``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (or ``inf``, 2, 1); a length-M sequence gives
+            each member its own.
+        eps: radius in pixel units (``>= 0``), scalar or per member.
+        box: ``(lo, hi)`` valid pixel range.
+        projection: ``"exact"`` (onto the intersection; Croce & Hein 2021 for l1) or
+            ``"sequential"`` (ball, then box clamp: torchattacks' and MSD's convention).
+        members: number of members M on dim 1 (inferred from sequence parameters).
+
+    Returns:
+        The projected perturbation, ``delta``'s shape and dtype, no autograd history.
+    """
+    m, norms, epss, _, _ = member_params(norm, eps, 0.0, 1, members)
+    check_tensors("lp_project", m, delta=delta, x=x)
+    lo, hi = _box(box)
+    return _lp_project_op(delta.detach(), x.detach(), m, norms, epss, lo, hi, _projection(projection))
+
+
+def steepest_direction(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor | None = None, *,
+                       norm: Norm | Sequence[Norm], k: int | Sequence[int] = 20,
+                       box: tuple[float, float] = (0.0, 1.0), members: int | None = None) -> torch.Tensor:
+    """Unit-size steepest ascent direction ``V_p(grad)`` (MAT paper, eq. 1).
+
+    linf: ``sign(grad)``; l2: ``grad / max(||grad||_2, 1e-12)``; l1: the ``k`` largest
+    ``|grad|`` among coordinates that can still move (``x + delta`` not at the bound the
+    gradient pushes towards, ``grad != 0``), ties to the lowest index, each
+    ``sign(grad) / k_selected``.
+
+    Args:
+        grad: ``[B, ...]`` (or ``[B, M, ...]``) loss gradient w.r.t. the input.
+        x, delta: clean input and current perturbation (same shape; ``delta`` defaults to 0).
+        norm, k: per-member norm and l1 sparsity (``k >= 1``).
+    """
+    if delta is None and isinstance(x, torch.Tensor):
+        delta = torch.zeros_like(x)
+    m, norms, _, _, ks = member_params(norm, 0.0, 0.0, k, members)
+    check_tensors("steepest_direction", m, grad=grad, x=x, delta=delta)
+    lo, hi = _box(box)
+    return _steepest_direction_op(grad.detach(), x.detach(), delta.detach(), m, norms, ks, lo, hi)
+
+
+def lp_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, *, norm: Norm | Sequence[Norm],
+            eps: float | Sequence[float], alpha: float | Sequence[float], k: int | Sequence[int] = 20,
+            box: tuple[float, float] = (0.0, 1.0), projection: str = "exact",
+            members: int | None = None) -> torch.Tensor:
+    """One PGD step ``Π(delta + alpha * V_p(grad))`` in one fused pass (MAT paper, eq. 6).
+
+    Args:
+        delta: ``[B, ...]`` current perturbation, or ``[B, M, ...]`` for M members.
+        grad: gradient of the (summed) loss w.r.t. the input, same shape.
+        x: clean input, same shape, dtype and device.
+        norm, eps, alpha, k: scalars, or length-M sequences for the member layout (each
+            member its own norm, radius, step size and l1 sparsity, all in one launch).
+        box: ``(lo, hi)``; projection: ``"exact"`` or ``"sequential"`` (see lp_project).
+
+    Returns:
+        The new perturbation, ``delta``'s shape and dtype, no autograd history.
+    """
+    m, norms, epss, alphas, ks = member_params(norm, eps, alpha, k, members)
+    check_tensors("lp_step", m, delta=delta, grad=grad, x=x)
+    lo, hi = _box(box)
+    return _lp_step_op(delta.detach(), grad.detach(), x.detach(), m, norms, epss, alphas, ks, lo, hi,
+                       _projection(projection))

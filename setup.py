@@ -1,0 +1,120 @@
+"""Build of pyens: setuptools drives CMake to compile ``pyens._C``.
+
+Environment:
+  PYENS_CUDA=0|1         force the CUDA kernels off / on (default: on when nvcc is found and
+                         torch is a CUDA build; decided from the toolchain, never from whether
+                         a GPU is visible, so GPU-less build machines still build CUDA).
+  TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0" (the default): the architectures compiled for.
+  MAX_JOBS               parallel compile jobs (default: the CPU count).
+  PYENS_CMAKE_ARGS       extra arguments passed to CMake's configure step.
+
+torch must be installed first and the build run with ``--no-build-isolation``: the extension
+is compiled against, and is only ABI-compatible with, the torch it finds here.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - build-time message only
+    raise SystemExit(
+        "pyens builds against an installed torch: run `pip install torch==2.13.0` first, then "
+        "`pip install --no-build-isolation .`"
+    ) from exc
+
+
+def _log(msg: str) -> None:
+    print(f"pyens build: {msg}", file=sys.stderr, flush=True)
+
+
+def cuda_decision() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why (shown by ``pyens info``)."""
+    forced = os.environ.get("PYENS_CUDA")
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
+    if nvcc and not os.path.exists(nvcc):
+        nvcc = None
+    if forced == "0":
+        return False, "CUDA skipped: PYENS_CUDA=0"
+    if torch.version.cuda is None:
+        why = f"CUDA skipped: torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+        if forced == "1":
+            raise SystemExit(f"PYENS_CUDA=1 but {why[len('CUDA skipped: '):]}; install a CUDA build of torch")
+        return False, why + (f"; nvcc found at {nvcc}" if nvcc else "")
+    if nvcc is None:
+        why = "CUDA skipped: no nvcc on PATH or in $CUDA_HOME/bin"
+        if forced == "1":
+            raise SystemExit(f"PYENS_CUDA=1 but {why[len('CUDA skipped: '):]}")
+        return False, why
+    return True, f"CUDA built with {nvcc} for torch CUDA {torch.version.cuda}"
+
+
+def cuda_architectures() -> str:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") as CMake's CUDA_ARCHITECTURES ("80;90")."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    out = []
+    for a in re.split(r"[;\s,]+", archs.strip()):
+        if not a:
+            continue
+        num = a.replace("+PTX", "").replace(".", "")
+        out.append(num if a.endswith("+PTX") else f"{num}-real")  # -real: SASS only, as torch's "8.0"
+    return ";".join(out)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise SystemExit("pyens needs CMake >= 3.18 to build: `pip install cmake` or `apt-get install cmake`")
+        with_cuda, note = cuda_decision()
+        _log(note)
+        extdir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DPYENS_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DPYENS_CUDA_NOTE={note}",
+        ]
+        if with_cuda:
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures()}")
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        args += shlex.split(os.environ.get("PYENS_CMAKE_ARGS", ""))
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_temp), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_temp), "--parallel", jobs], check=True)
+
+
+# The compiled part is bound to this torch's ABI, so the wheel pins exactly this release
+# (which also keeps pip from ever pulling a newer, CUDA-laden torch into a CPU machine).
+TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
+
+setup(
+    packages=find_packages(include=["pyens", "pyens.*"]) + ["pyens.kernels"],
+    package_dir={"pyens.kernels": "kernels"},
+    ext_modules=[CMakeExtension("pyens._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[TORCH_PIN, "numpy"],
+)
