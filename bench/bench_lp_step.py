@@ -146,7 +146,7 @@ def pytest_generate_tests(metafunc):
 
 # ----------------------------------------------------------------------------- inputs
 def make_inputs(dims, norms, eps, device, seed=0):
-    """``(delta, grad, x)`` float32 of shape ``dims``; the last-but-rows dim indexes members.
+    """``(delta, grad, x)`` float32 of shape ``dims``: ``[B, n]``, or ``[B, M, n]`` (dim 1: members).
 
     ``norms``/``eps`` are per member (length 1 for the row layout).  delta lies on each
     member's eps sphere, then is clipped to the box (so it stays inside the ball).
@@ -240,6 +240,8 @@ def _info(benchmark, *, device, shape, group, norm, provider, projection, eps, a
         alpha=alpha,
         k=K,
         bytes=nbytes,
+        cpus=os.cpu_count(),
+        loadavg_1m=round(os.getloadavg()[0], 2),  # a busy machine makes CPU timings noisy
     )
 
 

@@ -89,7 +89,14 @@ def render(data: dict) -> str:
                "Median of each benchmark's rounds; GB/s counts 16 B per element "
                "(read x, delta, grad; write delta). Speedup = peer median / provider median, "
                "same shape and norm, same run.")
-    out.append("")
+    loads = [r["loadavg_1m"] for r in recs if r.get("loadavg_1m") is not None]
+    if loads and first.get("device") == "cpu":
+        cpus = first.get("cpus") or 1
+        note = (" The machine was busy with other work: CPU medians are inflated and noisy."
+                if max(loads) > 0.5 * cpus else "")
+        out.append(f"1-minute load average while benchmarking: {min(loads):.2f} to {max(loads):.2f} "
+                   f"on {cpus} CPUs.{note}")
+        out.append("")
 
     # ---- 1. the step (rows and the mixed MAT launch)
     steps = [r for r in recs if r["group"] in ("step", "members")]

@@ -6,8 +6,9 @@ The contract is that of :func:`pyens.reference.lp_step.lp_rows` (the ground trut
 * ``mode 0``: ``out = Pi(delta)``, the projection onto ``{||z||_p <= eps} ∩ {a <= z <= b}``;
 * ``mode 1``: ``out = V_p(grad)``, the steepest ascent direction;
 * ``mode 2``: ``out = Pi(delta + alpha * V_p(grad))``, the MAT inner step, eq. (6) of
-  "Adversarially diverse ensembles via MIMO adversarial training" (MAT), where ``grad`` is the
-  gradient of the summed ensemble loss so one backward pass serves all M attacks;
+  "Resilience to multiple attacks via adversarially trained MIMO ensembles" (MAT), where
+  ``grad`` is the gradient of the summed ensemble loss so one backward pass serves all M
+  attacks;
 
 with the room ``a_i = min(lo - x_i, 0)``, ``b_i = max(hi - x_i, 0)``.
 
@@ -200,17 +201,20 @@ def _l2_ball_box(y, a, b, eps, ACC: tl.constexpr, IT: tl.constexpr, BITS_ITERS: 
 @triton.jit
 def _l1_ball_box(y, r, eps, ACC: tl.constexpr, IT: tl.constexpr, BITS_ITERS: tl.constexpr,
                  F64: tl.constexpr):
-    """Exact l1 ∩ box projection (Croce & Hein 2021, "Mind the box", Sec. 3):
+    """Exact l1 ∩ box projection (Croce & Hein 2021, "Mind the box: l1-APGD for sparse
+    adversarial attacks on image classifiers"):
     ``z_i = sign(y_i) min(max(|y_i| - lam, 0), r_i)`` with ``r_i`` the room in the direction
     of ``y_i`` and the smallest ``lam >= 0`` giving ``||z||_1 <= eps``; a row already inside
     (``||clamp(y)||_1 <= eps``) is returned clamped, i.e. unchanged when admissible.
-    With ``r = +inf`` this is the l1-ball projection of Duchi et al. 2008.
+    With ``r = +inf`` this is the l1-ball projection of Duchi et al. 2008, "Efficient
+    projections onto the l1-ball for learning in high dimensions".
 
     The mass ``m(lam) = sum min(max(|y_i| - lam, 0), r_i)`` is non-increasing, so lam is
     bisected on its bit pattern in ``[0, max |y|]``.  On the final bracket the mass is linear:
     ``m = K + sum_lin |y_i| - cnt * lam`` over the ``cnt`` coordinates strictly between
     their kinks, giving ``lam = (K + sum_lin |y_i| - eps) / cnt``, kept in the bracket; if
-    rounding makes it infeasible the feasible (upper) end is used.
+    rounding makes it infeasible the feasible (upper) end is used.  lam is a float of the
+    accumulation dtype, so ``||z||_1`` lands within ``cnt * ulp(lam)`` below eps.
     """
     u = tl.abs(y)
     sg = _sign(y, ACC)
@@ -338,11 +342,14 @@ def _check(mode, delta, grad, x, norms, eps, alpha, k, lo, hi):
         raise ValueError(f"lp_rows: x must be 2-D [rows, n], got {x.dim()}-D")
     for name, t in (("delta", delta), ("grad", grad)):
         if t.shape != x.shape:
-            raise ValueError(f"lp_rows: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"lp_rows: {name} must have x's shape {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
         if t.dtype != x.dtype:
-            raise ValueError(f"lp_rows: delta, grad and x must share a dtype, got {name} {t.dtype}, x {x.dtype}")
+            raise ValueError("lp_rows: delta, grad and x must share a dtype, "
+                             f"got {name} {t.dtype}, x {x.dtype}")
         if t.device != x.device:
-            raise ValueError(f"lp_rows: delta, grad and x must be on one device, got {name} {t.device}, x {x.device}")
+            raise ValueError("lp_rows: delta, grad and x must be on one device, "
+                             f"got {name} {t.device}, x {x.device}")
     if x.dtype not in _SUPPORTED:
         raise ValueError(f"lp_rows: dtype must be float16, bfloat16, float32 or float64, got {x.dtype}")
     m = len(norms)
@@ -354,10 +361,10 @@ def _check(mode, delta, grad, x, norms, eps, alpha, k, lo, hi):
     for i in range(m):
         if norms[i] not in (LINF, L2, L1):
             raise ValueError(f"lp_rows: norms[{i}] must be 0 (linf), 1 (l2) or 2 (l1), got {norms[i]}")
-        if not eps[i] >= 0:
+        if not eps[i] >= 0:  # also rejects NaN; eps = inf means box only
             raise ValueError(f"lp_rows: eps[{i}] must be >= 0, got {eps[i]}")
-        if not alpha[i] >= 0:
-            raise ValueError(f"lp_rows: alpha[{i}] must be >= 0, got {alpha[i]}")
+        if not 0 <= alpha[i] < float("inf"):
+            raise ValueError(f"lp_rows: alpha[{i}] must be finite and >= 0, got {alpha[i]}")
         if k[i] < 1:
             raise ValueError(f"lp_rows: k[{i}] must be >= 1, got {k[i]}")
     if not (lo <= hi and abs(lo) < float("inf") and abs(hi) < float("inf")):
@@ -407,9 +414,10 @@ def lp_rows(mode: int, delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor,
     # More warps for long rows: the row is split across the threads' registers; short rows
     # keep few warps so the ~30-60 cross-warp reductions per row stay cheap.
     num_warps = min(16, max(1, block // 512))
+    # No FMA contraction: ``delta + alpha * v`` and the sums round like the reference's.
     launch = dict(MODE=int(mode), EXACT=bool(exact), ACC=acc_tl, IT=int_tl, BITS_ITERS=iters,
                   INF_BITS=inf_bits, ONE_BITS=one_bits, TINY=tiny, F64=acc == torch.float64,
-                  BLOCK=block, num_warps=num_warps)
+                  BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
     args = (delta, grad, x, out, flags, norm_t, k_t, eps_t, alpha_t, box_t, n, len(norms))
     if x.is_cuda:
         with torch.cuda.device(x.device):  # Triton launches on the current device's stream

@@ -450,3 +450,18 @@ def test_triton_limit_matches_kernel():
     from pyens.ops.lp_step import _triton_max_n
 
     assert triton_kernels.MAX_N == _triton_max_n()
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params("lp_step", ("triton",))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_inputs_compute_in_float32(backend, dtype):
+    """Half inputs, float32 math: equal to the float32 reference on the upcast values, to one
+    ulp of the output dtype (Triton's interpreter truncates float32 -> bfloat16)."""
+    for mode in (0, 1, 2):
+        d, g, x = make_rows(6, 97, dtype, 8, scale=0.05)
+        args = (mode, d, g, x, [L1, L2, LINF], [2.0, 0.5, 0.03], [0.3, 0.1, 0.01], [5, 20, 20], 0.0, 1.0, True)
+        got, flags = run_backend(backend, *args)
+        want, _ = reference_rows(mode, d.float(), g.float(), x.float(), *args[4:])
+        assert got.dtype == dtype and flags.item() == 0
+        rtol, atol = TOLERANCES[dtype]
+        assert_close(got, want.to(dtype), rtol=rtol, atol=atol, what=f"{backend} {dtype} mode={mode}")
