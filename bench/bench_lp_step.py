@@ -196,7 +196,7 @@ def _call(fn, device):
     return synced
 
 
-def run_benchmark(benchmark, fn, device, *, target_s=0.5, min_rounds=3, max_rounds=200):
+def run_benchmark(benchmark, fn, device, *, target_s=0.5, min_rounds=5, max_rounds=200):
     """Warm ``fn`` up (compile, autotune, caches), then time rounds of it.
 
     The number of rounds follows the cost of one call: about ``target_s`` of timed work,

@@ -6,7 +6,8 @@ Usage::
 
 Reads the ``--benchmark-json`` file of pytest-benchmark and prints Markdown tables:
 
-1. the step: shape, norm, projection, provider, median (ms), GB/s and the speedup
+1. the step: shape, norm, projection, provider, median (ms), min (ms: the fastest round,
+   a check on noise), GB/s (from the median) and the speedup
    ``peer median / provider median`` (the peer of the same shape and norm);
 2. copy bandwidth at each shape's step size, and the fraction of it each provider's
    linf step reaches (linf is the purely memory-bound step);
@@ -70,6 +71,7 @@ def records(data: dict) -> list[dict]:
         if "group" not in info or "provider" not in info:
             continue  # not from bench_lp_step.py
         info["median"] = float(b["stats"]["median"])
+        info["min"] = float(b["stats"]["min"])
         info["rounds"] = int(b["stats"]["rounds"])
         info["name"] = b.get("name", "")
         out.append(info)
@@ -108,14 +110,14 @@ def render(data: dict) -> str:
         p = peer.get((r["shape"], r["norm"]))
         speed = f"{p / r['median']:.2f}" if p else "-"
         norm = r["norm"] if r["group"] == "step" else f"mixed ({r['norm']})"
-        rows.append([r["shape"], norm, r["projection"], r["provider"], _ms(r["median"]),
+        rows.append([r["shape"], norm, r["projection"], r["provider"], _ms(r["median"]), _ms(r["min"]),
                      f"{_gbs(r['bytes'], r['median']):.1f}", speed, r["rounds"]])
     out.append("## Step")
     out.append("")
     out.append("Peer conventions: linf and l1 exact, l2 sequential (torchattacks); the l2 "
                "`exact` rows are the product's default and do more work than the peer.")
     out.append("")
-    out.append(_table(["shape", "norm", "projection", "provider", "median (ms)", "GB/s",
+    out.append(_table(["shape", "norm", "projection", "provider", "median (ms)", "min (ms)", "GB/s",
                        "speedup x", "rounds"], rows))
     out.append("")
 

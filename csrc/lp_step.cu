@@ -511,7 +511,7 @@ struct RowOp {
     }
     tau = lo_k;
     if (c_lo == kk) return;
-    // Here hi_k = tau + 1: c_hi keys lie above tau, c_lo - c_hi > need equal it.
+    // Here hi_k = tau + 1: c_hi keys lie above tau and c_lo - c_hi (more than need) equal it.
     const int need = kk - c_hi;
     const int lane = threadIdx.x & (kWarp - 1), wid = threadIdx.x / kWarp;
     const int nwarps = blockDim.x / kWarp;

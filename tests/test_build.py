@@ -17,7 +17,7 @@ CUDA_SOURCES = sorted((ROOT / "csrc").glob("*.cu"))
 def nvcc_command(source: Path, out: Path, arch: str) -> list[str]:
     """nvcc against the installed torch's headers (a CPU wheel ships the CUDA headers too)."""
     tdir = Path(torch.__file__).parent
-    return [shutil.which("nvcc"), "-std=c++17", "-O1", "-c", str(source), "-o", str(out), f"-arch={arch}",
+    return [shutil.which("nvcc"), "-std=c++20", "-O1", "-c", str(source), "-o", str(out), f"-arch={arch}",
             f"-I{tdir / 'include'}", f"-I{tdir / 'include/torch/csrc/api/include'}", f"-I{ROOT / 'csrc'}",
             f"-I{sysconfig.get_paths()['include']}", "-D_GLIBCXX_USE_CXX11_ABI=1", "-Xcompiler", "-fPIC",
             "--expt-relaxed-constexpr", "-Werror", "all-warnings"]
