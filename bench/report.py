@@ -28,6 +28,7 @@ from pathlib import Path
 
 _NORM_ORDER = {"linf": 0, "l2": 1, "l1": 2}
 _NUMERIC = ("rounds", "MB moved")
+_NOISY = 1.5  # median / min above this marks a disturbed timing
 _PROVIDER_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "peer": 9}
 
 
@@ -95,7 +96,7 @@ def render(data: dict) -> str:
     if loads and first.get("device") == "cpu":
         cpus = first.get("cpus") or 1
         note = (" The machine was busy with other work: CPU medians are inflated and noisy."
-                if max(loads) > 0.5 * cpus else "")
+                if max(loads) > cpus + 0.5 else "")  # the run's own threads count too
         out.append(f"1-minute load average while benchmarking: {min(loads):.2f} to {max(loads):.2f} "
                    f"on {cpus} CPUs.{note}")
         out.append("")
@@ -110,12 +111,14 @@ def render(data: dict) -> str:
         p = peer.get((r["shape"], r["norm"]))
         speed = f"{p / r['median']:.2f}" if p else "-"
         norm = r["norm"] if r["group"] == "step" else f"mixed ({r['norm']})"
-        rows.append([r["shape"], norm, r["projection"], r["provider"], _ms(r["median"]), _ms(r["min"]),
+        noisy = " †" if r["median"] > _NOISY * r["min"] else ""
+        rows.append([r["shape"], norm, r["projection"], r["provider"], _ms(r["median"]) + noisy, _ms(r["min"]),
                      f"{_gbs(r['bytes'], r['median']):.1f}", speed, r["rounds"]])
     out.append("## Step")
     out.append("")
     out.append("Peer conventions: linf and l1 exact, l2 sequential (torchattacks); the l2 "
-               "`exact` rows are the product's default and do more work than the peer.")
+               "`exact` rows are the product's default and do more work than the peer. "
+               f"† median over {_NOISY:g}x the fastest round: that timing was disturbed, rerun it.")
     out.append("")
     out.append(_table(["shape", "norm", "projection", "provider", "median (ms)", "min (ms)", "GB/s",
                        "speedup x", "rounds"], rows))

@@ -80,19 +80,23 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
   T* cu = s.p0.data();
   T* cv = s.p1.data();
   T* cr = s.p2.data();
-  int64_t nc = 0;
-  double upper = 0;
+  // Build every coordinate in one vectorised loop (no compaction, no branches on the sign
+  // of y); the first fold below drops those that are zero for every lam >= 0.
+  const T inf = std::numeric_limits<T>::infinity();
+  T upper_t = 0;
+#pragma omp simd reduction(max : upper_t)
   for (int64_t i = 0; i < n; ++i) {
-    const T u = std::abs(y[i]);
-    T r = std::numeric_limits<T>::infinity();
-    if (boxed) r = y[i] >= T(0) ? vmax(T(hi) - x[i], T(0)) : vmax(x[i] - T(lo), T(0));
-    if (!(u > T(0)) || !(r > T(0))) continue;  // contributes nothing for any lam >= 0
-    cu[nc] = u;
-    cv[nc] = vmax(u - r, T(0));
-    cr[nc] = r;
-    upper = vmax(upper, static_cast<double>(u));
-    ++nc;
+    const T yi = y[i], u = std::abs(yi);
+    const T room = yi >= T(0) ? vmax(T(hi) - x[i], T(0)) : vmax(x[i] - T(lo), T(0));
+    const T r = boxed ? room : inf;
+    const T uu = r > T(0) ? u : T(0);  // no room: zero for every lam, dropped by the first fold
+    cu[i] = uu;
+    cv[i] = vmax(uu - r, T(0));
+    cr[i] = r;
+    upper_t = vmax(upper_t, uu);
   }
+  int64_t nc = n;
+  double upper = upper_t;
   double lower = 0, clamped = 0, lin_sum = 0;
   int64_t lin_cnt = 0;
   XorShift rng{seed | 1u};
@@ -142,21 +146,30 @@ PYENS_INLINE double l2_threshold(const T* y, const T* x, int64_t n, double lo, d
   T* ct = s.p0.data();
   T* cy2 = s.p1.data();
   T* cc2 = s.p2.data();
-  int64_t nc = 0;
-  double free_sum = 0;  // sum of y^2 over coordinates that never reach their bound for t <= 1
+  // Vectorised build: t_i = bound_i / y_i where y_i would reach its bound, 0 where the
+  // coordinate cannot move (it contributes 0), 1 where it stays free on all of [0, 1] (its
+  // y^2 goes straight into the free sum). Then a compaction keeps the candidates 0 < t < 1;
+  // in PGD steps those are few, so its branch is well predicted.
+  double free_sum = 0;
+#pragma omp simd reduction(+ : free_sum)
   for (int64_t i = 0; i < n; ++i) {
     const T v = y[i];
     const T bound = v > T(0) ? vmax(T(hi) - x[i], T(0)) : vmin(T(lo) - x[i], T(0));
-    if (v == T(0) || bound == T(0)) continue;  // zero for every t > 0
-    const T t = bound / v;
-    if (t >= T(1)) {
-      free_sum += double(v) * double(v);
-      continue;
+    const bool moves = (v != T(0)) & (bound != T(0));
+    const T t = moves ? vmin(bound / (moves ? v : T(1)), T(1)) : T(0);
+    ct[i] = t;
+    cy2[i] = v * v;
+    cc2[i] = bound * bound;
+    free_sum += t >= T(1) ? double(v) * double(v) : 0.0;
+  }
+  int64_t nc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ct[i] > T(0) && ct[i] < T(1)) {
+      ct[nc] = ct[i];
+      cy2[nc] = cy2[i];
+      cc2[nc] = cc2[i];
+      ++nc;
     }
-    ct[nc] = t;
-    cy2[nc] = v * v;
-    cc2[nc] = bound * bound;
-    ++nc;
   }
   const double e2 = eps * eps;
   double lower = 0, upper = 1, clamped = 0;
@@ -209,7 +222,8 @@ PYENS_INLINE void l1_direction(const T* g, const T* x, const T* d, T* out, int64
 #pragma omp simd reduction(+ : cnt)
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i], p = x[i] + d[i];
-    const bool blocked = (p >= thi && gi > T(0)) || (p <= tlo && gi < T(0)) || gi == T(0);
+    // Bitwise & and | (not && and ||): no short-circuit branches, so the loop vectorises.
+    const bool blocked = ((p >= thi) & (gi > T(0))) | ((p <= tlo) & (gi < T(0))) | (gi == T(0));
     score[i] = blocked ? T(-1) : std::abs(gi);
     cnt += blocked ? 0 : 1;
   }
@@ -238,14 +252,24 @@ PYENS_INLINE void l1_direction(const T* g, const T* x, const T* d, T* out, int64
   const int64_t ks = std::min<int64_t>(cnt, k);
   const T step = ks > 0 ? T(scale / double(ks)) : T(0);
   // Pass 3 (vectorised): take every movable score >= tau; count how many that is.
-  int64_t taken = 0;
-#pragma omp simd reduction(+ : taken)
-  for (int64_t i = 0; i < n; ++i) {
-    const bool chosen = score[i] > T(0) && score[i] >= tau;
-    const T v = chosen ? sgn(g[i]) * step : T(0);
-    out[i] = base ? base[i] + v : v;
-    taken += chosen ? 1 : 0;
+  // 0/1 masks as arithmetic (not ?:) and a float count keep the loop branch-free.
+  T taken_f = 0;
+  if (base) {
+#pragma omp simd reduction(+ : taken_f)
+    for (int64_t i = 0; i < n; ++i) {
+      const T chosen = T((score[i] > T(0)) & (score[i] >= tau));
+      out[i] = base[i] + chosen * step * sgn(g[i]);
+      taken_f += chosen;
+    }
+  } else {
+#pragma omp simd reduction(+ : taken_f)
+    for (int64_t i = 0; i < n; ++i) {
+      const T chosen = T((score[i] > T(0)) & (score[i] >= tau));
+      out[i] = chosen * step * sgn(g[i]);
+      taken_f += chosen;
+    }
   }
+  const int64_t taken = static_cast<int64_t>(taken_f);  // exact: counts stay far below 2^24
   // Ties at tau beyond k: drop them from the highest index down (ties go to the lowest
   // index). Exact ties are rare in real gradients, so this loop rarely runs.
   int64_t excess = taken - ks;  // coordinates equal to tau beyond the k we may take
@@ -324,49 +348,56 @@ PYENS_INLINE int lp_row(const LpParams& p, int64_t row, const T* d, const T* g, 
 
   if (norm == kLinf) return linf_row(p.mode, d, g, x, out, n, T(eps), T(alpha), lo, hi);
 
-  if (const int flags = finite_flags(d, g, x, n, reads_grad)) return flags;
-
-  // y = delta (+ alpha * direction) goes to `out`, which then is projected in place.
+  // l2 in three passes over the row: (1) finite check + ||g||^2, (2) y = delta + alpha g/||g||
+  // written to `out` + ||clamp(y)||^2 (exact) or ||y||^2 (sequential), (3) out = clamp(t y).
   if (norm == kL2) {
-    if (p.mode != kProject) {
-      double g2 = 0;
-#pragma omp simd reduction(+ : g2)
-      for (int64_t i = 0; i < n; ++i) g2 += double(g[i]) * double(g[i]);
-      const double inv = 1.0 / vmax(std::sqrt(g2), 1e-12);
-      const T sc = T((p.mode == kDirection ? 1.0 : alpha) * inv);
-      if (p.mode == kDirection) {
-        for (int64_t i = 0; i < n; ++i) out[i] = g[i] * sc;
-        return 0;
-      }
-      for (int64_t i = 0; i < n; ++i) out[i] = d[i] + sc * g[i];
-    } else {
-      std::copy(d, d + n, out);
-    }
-    if (p.exact) {
-      double c2 = 0;
-#pragma omp simd reduction(+ : c2)
+    T acc = 0;
+    double g2 = 0;
+    if (reads_grad) {
+#pragma omp simd reduction(+ : acc, g2)
       for (int64_t i = 0; i < n; ++i) {
-        const double c = vmin(vmax(out[i], vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0)));
-        c2 += c * c;
+        acc += (d[i] * T(0) + g[i] * T(0)) + x[i] * T(0);
+        g2 += double(g[i]) * double(g[i]);
       }
-      T t = T(1);
-      if (eps == 0)
-        t = T(0);
-      else if (c2 > eps * eps)
-        t = T(l2_threshold(out, x, n, p.lo, p.hi, eps, s, seed));
-      for (int64_t i = 0; i < n; ++i)
-        out[i] = vmin(vmax(t * out[i], vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0)));
     } else {
-      double y2 = 0;
-#pragma omp simd reduction(+ : y2)
-      for (int64_t i = 0; i < n; ++i) y2 += double(out[i]) * double(out[i]);
-      const double ny = std::sqrt(y2);
-      const T sc = ny > eps ? T(eps / ny) : T(1);
-      for (int64_t i = 0; i < n; ++i)
-        out[i] = vmin(vmax(sc * out[i], vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0)));
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += d[i] * T(0) + x[i] * T(0);
     }
+    if (acc != T(0)) return name_bad_inputs(d, g, x, n, reads_grad);
+    const double inv = 1.0 / vmax(std::sqrt(g2), 1e-12);
+    if (p.mode == kDirection) {
+      const T sc = T(inv);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = g[i] * sc;
+      return 0;
+    }
+    // Projection mode has no gradient: y = delta + 0 * delta (finite, checked above) keeps
+    // one loop for both modes without reading an unchecked grad.
+    const T sc = p.mode == kStep ? T(alpha * inv) : T(0);
+    const T* dir = p.mode == kStep ? g : d;
+    const bool exact = p.exact;
+    double y2 = 0;
+#pragma omp simd reduction(+ : y2)
+    for (int64_t i = 0; i < n; ++i) {
+      const T y = d[i] + sc * dir[i];
+      out[i] = y;
+      const T c = exact ? vmin(vmax(y, vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0))) : y;
+      y2 += double(c) * double(c);
+    }
+    T t = T(1);
+    if (eps == 0)
+      t = T(0);
+    else if (exact && y2 > eps * eps)
+      t = T(l2_threshold(out, x, n, p.lo, p.hi, eps, s, seed));
+    else if (!exact && y2 > eps * eps)
+      t = T(eps / std::sqrt(y2));
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = vmin(vmax(t * out[i], vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0)));
     return 0;
   }
+
+  if (const int flags = finite_flags(d, g, x, n, reads_grad)) return flags;
 
   // l1
   if (p.mode == kDirection) {

@@ -117,6 +117,7 @@ class Op:
     name: str
     kernels: dict[str, Kernel] = field(default_factory=dict)
     _fell_back: set = field(default_factory=set)
+    _chosen: dict = field(default_factory=dict)
 
     def why_not(self, backend: str, device_type: str, dtype: torch.dtype | None = None,
                 n: int | None = None) -> str | None:
@@ -138,6 +139,17 @@ class Op:
     def select(self, device: torch.device, dtype: torch.dtype, n: int) -> tuple[str, Callable]:
         """The backend name and kernel that run a call on ``device``/``dtype`` with rows of ``n``."""
         forced = current_forced()
+        # Availability does not change within a process except through the environment
+        # variables read here, so the choice is cached per situation (a PGD loop asks the
+        # same question every step).
+        fits = tuple(k.max_n is None or n <= k.max_n for k in self.kernels.values())
+        key = (forced, device.type, dtype, fits, os.environ.get("TRITON_INTERPRET"))
+        hit = self._chosen.get(key)
+        if hit is None:
+            hit = self._chosen[key] = self._select(forced, device, dtype, n)
+        return hit
+
+    def _select(self, forced: str | None, device: torch.device, dtype: torch.dtype, n: int) -> tuple[str, Callable]:
         if forced is not None:
             why = self.why_not(forced, device.type, dtype, n)
             if why:
