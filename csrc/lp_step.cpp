@@ -36,6 +36,11 @@ constexpr int kL1BisectRounds = 12;  // vectorised rounds before the exact searc
 template <typename T>
 struct Scratch {
   std::vector<T> p0, p1, p2;  // candidate breakpoints and their weights
+  void resize(int64_t n) {  // capacity is kept across rows, so this allocates once per task
+    p0.resize(n);
+    p1.resize(n);
+    p2.resize(n);
+  }
 };
 
 // Deterministic pseudo-random pivots: expected linear time without a global RNG.
@@ -76,9 +81,7 @@ inline T sgn(T v) {
 template <typename T>
 PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, double hi, double eps,
                     bool boxed, Scratch<T>& s, uint32_t seed) {
-  s.p0.resize(n);
-  s.p1.resize(n);
-  s.p2.resize(n);
+  s.resize(n);
   T* cu = s.p0.data();
   T* cv = s.p1.data();
   T* cr = s.p2.data();
@@ -184,9 +187,7 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
 template <typename T>
 PYENS_INLINE double l2_threshold(const T* y, const T* x, int64_t n, double lo, double hi, double eps,
                     Scratch<T>& s, uint32_t seed) {
-  s.p0.resize(n);
-  s.p1.resize(n);
-  s.p2.resize(n);
+  s.resize(n);
   T* ct = s.p0.data();
   T* cy2 = s.p1.data();
   T* cc2 = s.p2.data();
@@ -486,32 +487,19 @@ PYENS_INLINE int lp_row(const LpParams& p, int64_t row, const T* d, const T* g, 
 #define PYENS_CLONES
 #endif
 
-PYENS_CLONES int lp_rows_range_f32(const LpParams& p, int64_t begin, int64_t end, const float* d,
-                                   const float* g, const float* x, float* out, int64_t n,
-                                   Scratch<float>& s) {
-  int flags = 0;
-  for (int64_t r = begin; r < end; ++r)
-    flags |= lp_row<float>(p, r, d + r * n, g + r * n, x + r * n, out + r * n, n, s);
-  return flags;
-}
-
-PYENS_CLONES int lp_rows_range_f64(const LpParams& p, int64_t begin, int64_t end, const double* d,
-                                   const double* g, const double* x, double* out, int64_t n,
-                                   Scratch<double>& s) {
-  int flags = 0;
-  for (int64_t r = begin; r < end; ++r)
-    flags |= lp_row<double>(p, r, d + r * n, g + r * n, x + r * n, out + r * n, n, s);
-  return flags;
-}
-
-inline int lp_rows_range(const LpParams& p, int64_t b, int64_t e, const float* d, const float* g,
-                         const float* x, float* o, int64_t n, Scratch<float>& s) {
-  return lp_rows_range_f32(p, b, e, d, g, x, o, n, s);
-}
-inline int lp_rows_range(const LpParams& p, int64_t b, int64_t e, const double* d, const double* g,
-                         const double* x, double* o, int64_t n, Scratch<double>& s) {
-  return lp_rows_range_f64(p, b, e, d, g, x, o, n, s);
-}
+// target_clones cannot decorate a template, so one macro stamps out the float and double
+// entry points (each a loop over its rows with lp_row inlined into every clone).
+#define PYENS_ROWS_RANGE(T)                                                                   \
+  PYENS_CLONES int lp_rows_range(const LpParams& p, int64_t begin, int64_t end, const T* d, \
+                                 const T* g, const T* x, T* out, int64_t n, Scratch<T>& s) { \
+    int flags = 0;                                                                           \
+    for (int64_t r = begin; r < end; ++r)                                                    \
+      flags |= lp_row<T>(p, r, d + r * n, g + r * n, x + r * n, out + r * n, n, s);          \
+    return flags;                                                                            \
+  }
+PYENS_ROWS_RANGE(float)
+PYENS_ROWS_RANGE(double)
+#undef PYENS_ROWS_RANGE
 
 std::tuple<at::Tensor, at::Tensor> lp_rows_cpu(int64_t mode, const at::Tensor& delta,
                                                const at::Tensor& grad, const at::Tensor& x,

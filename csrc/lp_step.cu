@@ -394,19 +394,23 @@ struct RowOp {
       }
       return;
     }
+    // F(t) = ||clamp(t y, a, b)||^2, reduced over the block (every thread gets the value).
+    auto clamped_sq = [&](acc_t t) {
+      acc_t s = 0;
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        acc_t y, xv;
+        yx_at(i, y, xv);
+        const acc_t z = clampv(t * y, room_lo(xv), room_hi(xv));
+        s += z * z;
+      }
+      return red.sum(s);
+    };
     // Invariant: F(tl) <= eps^2 < F(th) (F(0) = 0; F(1) > eps^2 as the row is outside).
     acc_t tl = 0, th = 1;
     for (int it = 0; it < Tr::kBisect; ++it) {
       const acc_t mid = acc_t(0.5) * (tl + th);
       if (mid <= tl || mid >= th) break;  // adjacent values: nothing left to halve
-      acc_t s = 0;
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        acc_t y, xv;
-        yx_at(i, y, xv);
-        const acc_t z = clampv(mid * y, room_lo(xv), room_hi(xv));
-        s += z * z;
-      }
-      if (red.sum(s) <= e2)
+      if (clamped_sq(mid) <= e2)
         tl = mid;
       else
         th = mid;
@@ -431,14 +435,7 @@ struct RowOp {
       t = min2(max2(t, tl), th);
       if (t != tl) {
         // Rounding in the closed form must not leave the ball: keep tl (feasible) then.
-        acc_t s = 0;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-          acc_t y, xv;
-          yx_at(i, y, xv);
-          const acc_t z = clampv(t * y, room_lo(xv), room_hi(xv));
-          s += z * z;
-        }
-        if (!(red.sum(s) <= e2)) t = tl;
+        if (!(clamped_sq(t) <= e2)) t = tl;
       }
     }
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
