@@ -31,7 +31,7 @@ namespace {
 #define PYENS_INLINE inline
 #endif
 
-constexpr int kL1BisectRounds = 12;  // vectorised rounds before the exact search (range / 4096)
+constexpr int kL1BracketRounds = 4;  // vectorised false-position rounds before the exact search
 
 template <typename T>
 struct Scratch {
@@ -89,7 +89,8 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
   // of y); the first fold below drops those that are zero for every lam >= 0.
   const T inf = std::numeric_limits<T>::infinity();
   T upper_t = 0;
-#pragma omp simd reduction(max : upper_t)
+  double f_zero = 0;  // f(0) = sum min(u, r)
+#pragma omp simd reduction(max : upper_t) reduction(+ : f_zero)
   for (int64_t i = 0; i < n; ++i) {
     const T yi = y[i], u = std::abs(yi);
     const T room = yi >= T(0) ? vmax(T(hi) - x[i], T(0)) : vmax(x[i] - T(lo), T(0));
@@ -99,21 +100,36 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
     cv[i] = vmax(uu - r, T(0));
     cr[i] = r;
     upper_t = vmax(upper_t, uu);
+    f_zero += double(vmin(uu, r));
   }
   double lower = 0, upper = upper_t;
-  // Phase 1: a few vectorised bisection rounds over the whole row shrink the bracket without
-  // compaction (a dense delta makes every coordinate a candidate, and the scalar compaction
-  // of all of them, round after round, was the l1 step's main cost).
-  for (int round = 0; round < kL1BisectRounds; ++round) {
-    const T mid = T(0.5 * (lower + upper));
+  // Phase 1: a few vectorised rounds over the whole row shrink the bracket without
+  // compaction (a dense delta makes every coordinate a candidate, and compacting all of
+  // them round after round was the l1 step's main cost). f is piecewise linear with many
+  // small pieces, so false position (Illinois variant: halve the stale end's value when
+  // one end is kept twice) closes in much faster than bisection.
+  double f_lo = f_zero - eps, f_up = -eps;  // f - eps at the bracket ends: > 0 and <= 0
+  int kept = 0;                             // which end was kept last: -1 lower, +1 upper
+  for (int round = 0; round < kL1BracketRounds; ++round) {
+    double guess = lower + f_lo * (upper - lower) / (f_lo - f_up);
+    if (!(guess > lower && guess < upper)) guess = 0.5 * (lower + upper);
+    const T mid = T(guess);
     if (!(double(mid) > lower && double(mid) < upper)) break;
     double f = 0;
 #pragma omp simd reduction(+ : f)
     for (int64_t i = 0; i < n; ++i) f += double(vmin(vmax(cu[i] - mid, T(0)), cr[i]));
-    if (f <= eps)
+    f -= eps;
+    if (f <= 0) {
       upper = mid;
-    else
+      f_up = f;
+      if (kept == -1) f_lo *= 0.5;
+      kept = -1;
+    } else {
       lower = mid;
+      f_lo = f;
+      if (kept == 1) f_up *= 0.5;
+      kept = 1;
+    }
   }
   // Phase 2: one vectorised pass folds every coordinate whose piece is fixed on the bracket
   // into the sums; a compaction (rarely taken branch) keeps the few that still have a
@@ -135,14 +151,13 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
   int64_t nc = 0;
   {
     const T lo_t = T(lower), up_t = T(upper);
-    for (int64_t i = 0; i < n; ++i) {
-      const T u = cu[i], v = cv[i];
-      if (u > lo_t && ((v > lo_t && v < up_t) || (u < up_t))) {
-        cu[nc] = u;
-        cv[nc] = v;
-        cr[nc] = cr[i];
-        ++nc;
-      }
+    for (int64_t i = 0; i < n; ++i) {  // branch-free: whether u > lower is a coin flip
+      const T u = cu[i], v = cv[i], r = cr[i];
+      const bool cand = (u > lo_t) & (((v > lo_t) & (v < up_t)) | (u < up_t));
+      cu[nc] = u;
+      cv[nc] = v;
+      cr[nc] = r;
+      nc += cand ? 1 : 0;
     }
   }
   int64_t lin_cnt = static_cast<int64_t>(lin_cnt_d);
