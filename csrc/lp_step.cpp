@@ -3,10 +3,10 @@
 //
 // Rows are independent, so rows are spread over ATen's intra-op pool (OpenMP in torch's
 // CPU builds: one runtime, and torch.set_num_threads governs it); inner loops are plain
-// contiguous loops with `omp simd` reductions so that GCC vectorises them without
-// -ffast-math. The l1/l2 ∩ box thresholds are found by an exact per-row threshold search
-// (random-pivot bracketing over the breakpoints, expected O(n), no sort), the l1 top-k by
-// selection (std::nth_element), never by sorting rows.
+// contiguous loops written to vectorise (by-value min/max, selects instead of branches,
+// `omp simd` reductions). No row is ever sorted: the l1 top-k threshold comes from a
+// k-element heap (nth_element for large k), and the l1/l2 ∩ box thresholds from an exact
+// per-row search over the breakpoints (see l1_threshold / l2_threshold and docs/lp_step.md).
 #include "lp_step.h"
 
 #include <ATen/Parallel.h>
