@@ -3,7 +3,6 @@
 The reference itself is checked against a generic QP solver (scipy) on small rows, so the
 chain "backend == reference == true projection" has no untested link.
 """
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from pyens.reference.lp_step import lp_rows as reference_rows
 from tests.conftest import TOLERANCES, assert_close, backend_params
 
 LINF, L2, L1 = 0, 1, 2
-NAMES = {LINF: "linf", L2: "l2", L1: "l1"}
 PAPER = {LINF: (0.3, 0.01), L2: (2.0, 0.1), L1: (10.0, 0.8)}  # MNIST eps, alpha (Appendix C)
 
 

@@ -39,10 +39,6 @@ def _load_cpu():
     return torch.ops.pyens_C.lp_rows
 
 
-def _load_cuda():
-    return _load_cpu()  # one schema; the dispatcher routes CUDA tensors to the .cu kernel
-
-
 def _load_triton():
     from pyens.kernels.lp_step import lp_rows
 
@@ -61,7 +57,8 @@ def _triton_max_n() -> int:
 
 _CPU_DTYPES = frozenset({torch.float32, torch.float64})
 OP = register_op(Op("lp_step", {
-    "cuda": Kernel("cuda", _load_cuda),
+    # One compiled schema: the dispatcher routes CUDA tensors to the .cu kernel.
+    "cuda": Kernel("cuda", _load_cpu),
     "triton": Kernel("triton", _load_triton, max_n=_triton_max_n()),
     "cpu": Kernel("cpu", _load_cpu, dtypes=_CPU_DTYPES),
     "reference": Kernel("reference", _load_reference),
