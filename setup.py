@@ -116,5 +116,7 @@ setup(
     package_dir={"pyens.kernels": "kernels"},
     ext_modules=[CMakeExtension("pyens._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[TORCH_PIN, "numpy"],
+    # torchattacks is deliberately absent: it declares torchvision, which has no CPU build here
+    # and would drag in a CUDA torch. Install it with `pip install --no-deps torchattacks`.
+    install_requires=[TORCH_PIN, "numpy", "tqdm", "matplotlib", "scikit-learn", "foolbox>=3.3", "pillow", "scipy"],
 )
