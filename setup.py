@@ -112,8 +112,8 @@ class CMakeBuild(build_ext):
 TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
 
 setup(
-    packages=find_packages(include=["pyens", "pyens.*"]) + ["pyens.kernels"],
-    package_dir={"pyens.kernels": "kernels"},
+    packages=find_packages(include=["pyens", "pyens.*"]) + ["pyens.kernels", "pyens.configs"],
+    package_dir={"pyens.kernels": "kernels", "pyens.configs": "configs"},
     ext_modules=[CMakeExtension("pyens._C")],
     cmdclass={"build_ext": CMakeBuild},
     # torchattacks is deliberately absent: it declares torchvision, which has no CPU build here

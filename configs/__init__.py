@@ -1,0 +1,1 @@
+"""Training configs shipped with pyens (installed as ``pyens.configs``; ``--config NAME``)."""

@@ -1,0 +1,215 @@
+"""Training configuration: one dataclass, TOML files in ``configs/``, the papers' presets.
+
+A config names everything a run needs, so that a run directory's ``config.toml`` alone
+rebuilds the model for evaluation and resumes training. Unset attack parameters take the
+papers' values for the dataset (MAT paper, Appendix C): MNIST eps (linf, l2, l1) =
+(0.3, 2.0, 10), alpha = (0.01, 0.1, 0.8); CIFAR-10 eps = (0.03, 0.5, 12), alpha =
+(0.003, 0.02, 1.0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+NORMS = ("linf", "l2", "l1")
+
+# MAT paper, Appendix C.1 (training) — keyed by dataset, then norm.
+PAPER_EPS = {
+    "mnist": {"linf": 0.3, "l2": 2.0, "l1": 10.0},
+    "cifar10": {"linf": 0.03, "l2": 0.5, "l1": 12.0},
+    "resisc45": {"linf": 0.03, "l2": 0.5, "l1": 12.0},  # no paper value: CIFAR's radii
+}
+PAPER_ALPHA = {
+    "mnist": {"linf": 0.01, "l2": 0.1, "l1": 0.8},
+    "cifar10": {"linf": 0.003, "l2": 0.02, "l1": 1.0},
+    "resisc45": {"linf": 0.003, "l2": 0.02, "l1": 1.0},
+}
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("triangular", "three_phase", "constant")
+OUTER_LOSSES = ("max", "sum")
+DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs.
+
+    Attributes (units: pixels in [0, 1]; epochs; optimizer steps):
+        method: a name from :data:`pyens.training.METHODS`.
+        dataset, data_dir: ``"mnist"`` (embedded when ``data_dir`` is empty), ``"cifar10"``,
+            ``"resisc45"``.
+        model: backbone name (``small_cnn``, ``lenet``, ``resnet18``, ``resnet50``).
+        members: M, the sub-models of a MIMO / vanilla ensemble (or the perturbation types of
+            ``avg``, ``max``, ``msd``: one per norm).
+        norms, eps, alpha: per-member attack of the inner maximisation; empty ``norms`` =
+            the method's default (``("l1", "l2", "linf")``, or ``("linf",)`` for ``at`` and
+            ``mat_same``); empty ``eps``/``alpha`` = the paper's value for dataset and norm.
+        steps: K, PGD steps of the inner maximisation; ``k``: l1 sparsity of the step.
+        random_start: start the inner PGD from a random point of the ball.
+        outer: MAT's outer loss over members: ``"max"`` (Algorithm 1) or ``"sum"`` (eq. 4).
+        epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule: Appendix C.1.
+        train_size: use only the first ``train_size`` training examples (0 = all).
+        eval_size: clean-accuracy examples checked at each epoch end (first of the test split).
+        checkpoint_minutes: also checkpoint mid-epoch this often (wall clock).
+        max_steps: stop after this many optimizer steps in total (0 = no limit; smoke tests).
+    """
+
+    method: str = "mat"
+    dataset: str = "mnist"
+    data_dir: str = ""
+    model: str = "small_cnn"
+    members: int = 3
+    norms: tuple[str, ...] = ()
+    eps: tuple[float, ...] = ()
+    alpha: tuple[float, ...] = ()
+    steps: int = 10
+    k: int = 20
+    random_start: bool = False
+    outer: str = "sum"
+    epochs: int = 5
+    batch_size: int = 100
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "triangular"
+    train_size: int = 0
+    eval_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    out: str = ""
+    checkpoint_minutes: float = 10.0
+    max_steps: int = 0
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------
+    def resolved(self) -> TrainConfig:
+        """A validated copy with per-member ``norms``/``eps``/``alpha`` filled in."""
+        from pyens.training.methods import get_method
+
+        cfg = dataclasses.replace(self)
+        method = get_method(cfg.method)
+        if cfg.dataset not in PAPER_EPS:
+            raise ValueError(f"dataset must be one of {sorted(PAPER_EPS)}, got {cfg.dataset!r}")
+        norms = tuple(cfg.norms) if not isinstance(cfg.norms, str) else (cfg.norms,)
+        for p in norms:
+            if p not in NORMS:
+                raise ValueError(f"norms: each must be one of {NORMS}, got {p!r}")
+        _positive_int(cfg.members, "members")
+        norms = method.member_norms(norms, cfg.members)
+        cfg.norms = norms
+        cfg.eps = _per_norm(cfg.eps, norms, PAPER_EPS[cfg.dataset], "eps")
+        cfg.alpha = _per_norm(cfg.alpha, norms, PAPER_ALPHA[cfg.dataset], "alpha")
+        cfg.members = method.members(norms, cfg.members)
+        for name in ("steps", "k", "epochs", "batch_size"):
+            _positive_int(getattr(cfg, name), name)
+        for name in ("train_size", "max_steps"):
+            if int(getattr(cfg, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+        _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
+        _choice(cfg.schedule, SCHEDULES, "schedule")
+        _choice(cfg.outer, OUTER_LOSSES, "outer")
+        for name in ("lr", "weight_decay", "momentum"):
+            v = float(getattr(cfg, name))
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)!r}")
+        if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+            raise ValueError(f"device must be {DEVICES_HINT}, got {cfg.device!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("norms", "eps", "alpha"):
+            d[key] = list(d[key])
+        return d
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in self.to_dict().items():
+            if key == "extra":
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        if self.extra:
+            lines.append("\n[extra]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in self.extra.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _positive_int(v, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _choice(v, options, name: str) -> None:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {options}, got {v!r}")
+
+
+def _per_norm(values, norms, paper: dict, name: str) -> tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        values = (values,)
+    values = tuple(float(v) for v in values)
+    if not values:
+        return tuple(paper[p] for p in norms)
+    if len(values) == 1:
+        values = values * len(norms)
+    if len(values) != len(norms):
+        raise ValueError(f"{name}: give one value per norm {norms}, got {len(values)}")
+    for v in values:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# config files
+
+def config_names() -> list[str]:
+    """Names of the configs shipped with pyens (``configs/*.toml``)."""
+    root = resources.files("pyens.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(path_or_name: str | Path, **overrides) -> TrainConfig:
+    """Read a TOML config (a path, or the name of a shipped config) and apply overrides."""
+    p = Path(path_or_name)
+    if p.suffix == ".toml" and p.exists():
+        text = p.read_text()
+    else:
+        name = p.name[:-5] if p.name.endswith(".toml") else str(path_or_name)
+        f = resources.files("pyens.configs") / f"{name}.toml"
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"config: no file {str(path_or_name)!r} and no shipped config of that name; "
+                f"shipped: {', '.join(config_names())}")
+        text = f.read_text()
+    data = tomllib.loads(text)
+    return config_from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; known: {sorted(known)}")
+    data = dict(data)
+    for key in ("norms", "eps", "alpha"):
+        if key in data and isinstance(data[key], list):
+            data[key] = tuple(data[key])
+    return TrainConfig(**data)

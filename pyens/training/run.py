@@ -1,0 +1,96 @@
+"""A run directory and the networks a config describes.
+
+A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt`` (written
+atomically at each epoch end and every ``checkpoint_minutes``), ``metrics.jsonl`` (one record
+per epoch) and, after ``pyens eval``, ``eval.json`` / ``eval.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyens.training import checkpoint
+from pyens.training.config import TrainConfig, load_config
+from pyens.training.methods import get_method
+
+
+def build_network(cfg: TrainConfig, data) -> nn.Module:
+    """The network ``cfg.method`` trains, for a dataset with ``data``'s shape and classes."""
+    from pyens import nn as pnn
+
+    c = data.image_shape[0]
+    common = dict(in_channels=c, num_classes=data.num_classes, mean=data.mean, std=data.std)
+    kind = get_method(cfg.method).kind
+    if kind == "single":
+        return pnn.build_model(cfg.model, **common)
+    if kind == "mimo":
+        return pnn.MIMO(cfg.model, members=cfg.members, **common)
+    return pnn.build_ensemble(cfg.model, members=cfg.members, **common)
+
+
+def counted_networks(net: nn.Module) -> list[nn.Module]:
+    """The networks whose passes count in Table 6: each member of a vanilla ensemble."""
+    from pyens.nn import Ensemble
+
+    if isinstance(net, Ensemble):
+        return [net.member(i) for i in range(net.members)]
+    return [net]
+
+
+class EnsembleScores(nn.Module):
+    """``[B, C, H, W] -> [B, K]``: a MIMO or vanilla ensemble as one classifier.
+
+    The scores are ``log`` of the members' averaged softmax (the ensemble's prediction), so
+    attacks on this module attack the averaged output.
+    """
+
+    def __init__(self, net: nn.Module, average: str = "prob"):
+        super().__init__()
+        self.net, self.average = net, average
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.ensemble(x, average=self.average)
+
+
+def classifier(net: nn.Module) -> nn.Module:
+    """What is evaluated: the model itself, or the ensemble of a MIMO / vanilla ensemble."""
+    return EnsembleScores(net) if hasattr(net, "ensemble") else net
+
+
+@dataclass
+class Run:
+    out: Path
+    config: TrainConfig
+    net: nn.Module
+    history: list
+    epoch: int
+
+    @property
+    def classifier(self) -> nn.Module:
+        return classifier(self.net)
+
+    def members(self) -> list[nn.Module]:
+        """Sub-models (MIMO member views / ensemble models); empty for a single model."""
+        if not hasattr(self.net, "member"):
+            return []
+        return [self.net.member(i) for i in range(self.net.members)]
+
+
+def load_run(out: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a trained network from a run directory (its ``config.toml`` and checkpoint)."""
+    from pyens.data import load
+
+    out = Path(out)
+    for name in ("config.toml", checkpoint.CHECKPOINT):
+        if not (out / name).exists():
+            raise FileNotFoundError(f"run_dir: {out} has no {name}; is it a pyens training run?")
+    cfg = load_config(out / "config.toml").resolved()
+    data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)
+    net = build_network(cfg, data)
+    state = checkpoint.load(out / checkpoint.CHECKPOINT)
+    net.load_state_dict(state["model"])
+    net.to(device).eval()
+    return Run(out, cfg, net, state.get("history", []), state.get("epoch", 0))

@@ -1,0 +1,194 @@
+"""pyens.train: methods and their Table 6 pass counts, resume, determinism, DDP, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import pyens
+from pyens.training import METHODS, TrainConfig, build_network, config_names, count_passes, load_config, load_run
+from pyens.training.methods import StepContext, get_method
+from pyens.training.run import counted_networks
+from pyens.training.schedules import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="mnist", model="small_cnn", train_size=40, batch_size=20, epochs=1, steps=2,
+            eval_size=20, progress=False)
+
+
+def _tiny_data():
+    return SimpleNamespace(image_shape=(1, 28, 28), num_classes=10, mean=(0.1307,), std=(0.3081,))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_passes_per_batch_equal_table_6(method):
+    """Forward/backward passes of one training batch, counted with hooks, in batch-equivalents."""
+    k, m, b = 2, 3, 6
+    cfg = TrainConfig(method=method, steps=k, members=m).resolved()
+    torch.manual_seed(0)
+    net = build_network(cfg, _tiny_data())
+    ctx = StepContext(net=net, train_net=net, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))
+    with count_passes(counted_networks(net), b) as count:
+        out = get_method(method).loss(ctx, x, y)
+        out.loss.backward()
+    assert (count.forward, count.backward) == get_method(method).passes(k, cfg.members), method
+
+
+def test_table_6_formulas_at_k10_m3():
+    table = {m: get_method(m).passes(10, 3) for m in METHODS}
+    assert table["standard"] == table["mimo"] == (1, 1)
+    assert table["at"] == table["mat"] == table["mat_same"] == (11, 11)
+    assert table["ensemble_at"] == (33, 33)
+    assert table["avg"] == table["max"] == (33, 33)
+    assert table["msd"] == table["mat_msd"] == (41, 11)
+    assert table["mimo_at"] == (11, 31)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_a_few_steps(method, tmp_path):
+    result = pyens.train(method, out=str(tmp_path / method), **TINY)
+    assert len(result.history) == 1 and result.checkpoint.exists()
+    rec = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["epoch"] == 1 and 0.0 <= rec["eval_clean_acc"] <= 1.0 and rec["images_per_s"] > 0
+    if get_method(method).kind == "mimo" and method != "mimo":
+        assert len(rec["cross_gradient_ratio"]) == result.config.members
+    run = load_run(tmp_path / method)
+    scores = run.classifier(torch.rand(3, 1, 28, 28))
+    assert scores.shape == (3, 10) and torch.isfinite(scores).all()
+
+
+def _params(net):
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_same_seed_same_result(tmp_path):
+    a = pyens.train("mat", out=str(tmp_path / "a"), **TINY)
+    b = pyens.train("mat", out=str(tmp_path / "b"), **TINY)
+    assert torch.equal(_params(a.model), _params(b.model))
+    c = pyens.train("mat", out=str(tmp_path / "c"), **{**TINY, "seed": 1})
+    assert not torch.equal(_params(a.model), _params(c.model))
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # end of epoch 1 / in the middle of epoch 2
+def test_resume_continues_exactly(tmp_path, stop_after):
+    cfg = {**TINY, "train_size": 40, "epochs": 2, "random_start": True}
+    straight = pyens.train("mat", out=str(tmp_path / "straight"), **cfg)
+    pyens.train("mat", out=str(tmp_path / "resumed"), max_steps=stop_after, **cfg)
+    resumed = pyens.train("mat", out=str(tmp_path / "resumed"), resume=True, max_steps=0, **cfg)
+    assert torch.equal(_params(straight.model), _params(resumed.model))
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    pyens.train("standard", out=str(tmp_path / "r"), **TINY)
+    with pytest.raises(FileExistsError, match="out: .* already holds a run"):
+        pyens.train("standard", out=str(tmp_path / "r"), **TINY)
+    with pytest.raises(ValueError, match=r"resume: \['lr'\] differ"):
+        pyens.train("standard", out=str(tmp_path / "r"), resume=True, lr=0.5, **TINY)
+    with pytest.raises(FileNotFoundError, match="resume: .* has no checkpoint.pt"):
+        pyens.train("standard", out=str(tmp_path / "none"), resume=True, **TINY)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="nope"), "method must be one of"),
+    (dict(norms=("l3",)), "norms: each must be one of"),
+    (dict(method="at", norms=("l1", "l2")), "norms: method 'at' trains against one norm"),
+    (dict(method="mat_same", norms=("l1", "l2")), "norms: method 'mat_same'"),
+    (dict(eps=(-1.0,)), "eps must be finite and >= 0"),
+    (dict(eps=(1.0, 2.0)), "eps: give one value per norm"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(members=0), "members must be an integer >= 1"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(optimizer="rmsprop"), "optimizer must be one of"),
+    (dict(dataset="imagenet"), "dataset must be one of"),
+    (dict(device="tpu"), "device must be"),
+])
+def test_bad_config_names_the_argument(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad).resolved()
+
+
+def test_unknown_config_keys_and_files():
+    from pyens.training.config import config_from_dict
+
+    with pytest.raises(ValueError, match=r"config: unknown keys \['epoch'\]"):
+        config_from_dict({"epoch": 3})
+    with pytest.raises(FileNotFoundError, match="config: no file 'nope'"):
+        load_config("nope")
+
+
+def test_shipped_configs_resolve():
+    names = config_names()
+    assert {"quick-mnist", "mnist-paper", "cifar10-paper"} <= set(names)
+    for name in names:
+        cfg = load_config(name).resolved()
+        assert len(cfg.norms) == len(cfg.eps) == len(cfg.alpha) == cfg.members
+    paper = load_config("mnist-paper").resolved()  # Appendix C.1
+    assert paper.steps == 100 and paper.eps == (0.3, 2.0, 10.0) and paper.alpha == (0.01, 0.1, 0.8)
+    cifar = load_config("cifar10-paper").resolved()
+    assert (cifar.optimizer, cifar.momentum, cifar.weight_decay, cifar.model) == ("sgd", 0.9, 5e-4, "resnet50")
+
+
+def test_config_toml_round_trip(tmp_path):
+    cfg = load_config("quick-mnist", method="avg").resolved()
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert load_config(tmp_path / "c.toml").resolved() == cfg
+
+
+def test_default_norms_and_members_follow_the_method():
+    assert TrainConfig(method="at").resolved().norms == ("linf",)
+    assert TrainConfig(method="mat").resolved().norms == ("l1", "l2", "linf")
+    assert TrainConfig(method="mat_same", members=4).resolved().norms == ("linf",) * 4
+    assert TrainConfig(method="mimo", members=2).resolved().members == 2
+    mnist = TrainConfig(method="mat").resolved()
+    assert mnist.eps == (10.0, 2.0, 0.3) and mnist.alpha == (0.8, 0.1, 0.01)  # Appendix C, per norm
+
+
+def test_schedules_follow_appendix_c():
+    total = 1000
+    assert lr_at("triangular", 1e-3, 399, total) == pytest.approx(1e-3, rel=1e-2)
+    assert lr_at("triangular", 1e-3, total - 1, total) < 1e-5
+    assert lr_at("three_phase", 0.1, 799, total) == pytest.approx(0.005, rel=2e-2)
+    assert lr_at("three_phase", 0.1, 399, total) == pytest.approx(0.1, rel=1e-2)
+    assert lr_at("constant", 0.3, 5, total) == 0.3
+
+
+def test_ddp_replicas_agree(tmp_path):
+    """Two gloo processes under torchrun: the replicas end with identical parameters."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "pyens", "train", "--method", "mat", "--train-size", "40", "--batch-size", "20", "--epochs", "1",
+           "--steps", "1", "--no-eval", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "different parameters" not in proc.stderr
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_cli_train_then_eval(tmp_path):
+    out = tmp_path / "cli"
+    common = ["--eval-n", "20", "--eval-steps", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "pyens", "train", "--method", "standard", "--train-size", "60",
+                           "--epochs", "1", "--out", str(out), *common], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "All attacks" in proc.stdout and "PGD linf (eps 0.3, 2 steps)" in proc.stdout
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["n"] == 20 and {a["group"] for a in saved["attacks"]} == {"linf", "l2", "l1"}
+    md = tmp_path / "t.md"
+    proc = subprocess.run([sys.executable, "-m", "pyens", "eval", str(out), *common, "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert md.read_text().startswith("| Attack | cli |")
+    bad = subprocess.run([sys.executable, "-m", "pyens", "eval", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "run_dir:" in bad.stderr
