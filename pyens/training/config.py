@@ -48,7 +48,9 @@ class TrainConfig:
             ``avg``, ``max``, ``msd``: one per norm).
         norms, eps, alpha: per-member attack of the inner maximisation; empty ``norms`` =
             the method's default (``("l1", "l2", "linf")``, or ``("linf",)`` for ``at`` and
-            ``mat_same``); empty ``eps``/``alpha`` = the paper's value for dataset and norm.
+            ``mat_same``); ``eps``/``alpha``: one value per member, or a table ``{norm: value}``
+            (what config files use, so one file serves every method); missing = the paper's
+            value for the dataset and norm.
         steps: K, PGD steps of the inner maximisation; ``k``: l1 sparsity of the step.
         random_start: start the inner PGD from a random point of the ball.
         outer: MAT's outer loss over members: ``"max"`` (Algorithm 1) or ``"sum"`` (eq. 4).
@@ -65,8 +67,8 @@ class TrainConfig:
     model: str = "small_cnn"
     members: int = 3
     norms: tuple[str, ...] = ()
-    eps: tuple[float, ...] = ()
-    alpha: tuple[float, ...] = ()
+    eps: tuple[float, ...] | dict = ()
+    alpha: tuple[float, ...] | dict = ()
     steps: int = 10
     k: int = 20
     random_start: bool = False
@@ -126,7 +128,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for key in ("norms", "eps", "alpha"):
-            d[key] = list(d[key])
+            d[key] = dict(d[key]) if isinstance(d[key], dict) else list(d[key])
         return d
 
     def to_toml(self) -> str:
@@ -148,6 +150,8 @@ def _toml_value(v) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -162,6 +166,11 @@ def _choice(v, options, name: str) -> None:
 
 
 def _per_norm(values, norms, paper: dict, name: str) -> tuple[float, ...]:
+    if isinstance(values, dict):  # {norm: value}: looked up per member, paper value if absent
+        bad = sorted(set(values) - set(NORMS))
+        if bad:
+            raise ValueError(f"{name}: keys must be norms {NORMS}, got {bad}")
+        values = tuple(values.get(p, paper[p]) for p in norms)
     if isinstance(values, (int, float)):
         values = (values,)
     values = tuple(float(v) for v in values)

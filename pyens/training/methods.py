@@ -70,6 +70,17 @@ class Method:
     def passes(self, k: int, m: int) -> tuple[int, int]:
         raise NotImplementedError
 
+    def build(self, cfg, data) -> nn.Module:
+        """The network this method trains, for a dataset with ``data``'s shape and classes."""
+        from pyens import nn as pnn
+
+        common = dict(in_channels=data.image_shape[0], num_classes=data.num_classes, mean=data.mean, std=data.std)
+        if self.kind == "single":
+            return pnn.build_model(cfg.model, **common)
+        if self.kind == "mimo":
+            return pnn.MIMO(cfg.model, members=cfg.members, **common)
+        return pnn.build_ensemble(cfg.model, members=cfg.members, **common)
+
     def loss(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Outer loss of one batch ``x: [B, C, H, W]``, ``y: [B]``."""
         raise NotImplementedError

@@ -19,16 +19,7 @@ from pyens.training.methods import get_method
 
 def build_network(cfg: TrainConfig, data) -> nn.Module:
     """The network ``cfg.method`` trains, for a dataset with ``data``'s shape and classes."""
-    from pyens import nn as pnn
-
-    c = data.image_shape[0]
-    common = dict(in_channels=c, num_classes=data.num_classes, mean=data.mean, std=data.std)
-    kind = get_method(cfg.method).kind
-    if kind == "single":
-        return pnn.build_model(cfg.model, **common)
-    if kind == "mimo":
-        return pnn.MIMO(cfg.model, members=cfg.members, **common)
-    return pnn.build_ensemble(cfg.model, members=cfg.members, **common)
+    return get_method(cfg.method).build(cfg, data)
 
 
 def counted_networks(net: nn.Module) -> list[nn.Module]:
