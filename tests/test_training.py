@@ -133,7 +133,8 @@ def test_shipped_configs_resolve():
         cfg = load_config(name).resolved()
         assert len(cfg.norms) == len(cfg.eps) == len(cfg.alpha) == cfg.members
     paper = load_config("mnist-paper").resolved()  # Appendix C.1
-    assert paper.steps == 100 and paper.eps == (0.3, 2.0, 10.0) and paper.alpha == (0.01, 0.1, 0.8)
+    assert paper.steps == 100 and paper.norms == ("l1", "l2", "linf")
+    assert paper.eps == (10.0, 2.0, 0.3) and paper.alpha == (0.8, 0.1, 0.01)
     cifar = load_config("cifar10-paper").resolved()
     assert (cifar.optimizer, cifar.momentum, cifar.weight_decay, cifar.model) == ("sgd", 0.9, 5e-4, "resnet50")
 
