@@ -109,7 +109,7 @@ _TRAIN_FLAGS = {
     "method": str, "dataset": str, "data_dir": str, "model": str, "members": int, "norms": _csv(str),
     "eps": _csv(float), "alpha": _csv(float), "steps": int, "k": int, "outer": str, "epochs": int,
     "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "schedule": str,
-    "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int,
+    "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int, "eps_warmup": float,
 }
 
 

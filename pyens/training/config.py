@@ -53,6 +53,8 @@ class TrainConfig:
             value for the dataset and norm.
         steps: K, PGD steps of the inner maximisation; ``k``: l1 sparsity of the step.
         random_start: start the inner PGD from a random point of the ball.
+        eps_warmup: ramp the training radii (and step sizes) linearly from 0 to ``eps``
+            over this fraction of training (0 = the full radius from the first step).
         outer: MAT's outer loss over members: ``"max"`` (Algorithm 1) or ``"sum"`` (eq. 4).
         epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule: Appendix C.1.
         train_size: use only the first ``train_size`` training examples (0 = all).
@@ -72,6 +74,7 @@ class TrainConfig:
     steps: int = 10
     k: int = 20
     random_start: bool = False
+    eps_warmup: float = 0.0
     outer: str = "sum"
     epochs: int = 5
     batch_size: int = 100
@@ -111,6 +114,8 @@ class TrainConfig:
         cfg.members = method.members(norms, cfg.members)
         for name in ("steps", "k", "epochs", "batch_size"):
             _positive_int(getattr(cfg, name), name)
+        if not 0.0 <= float(cfg.eps_warmup) <= 1.0:
+            raise ValueError(f"eps_warmup must be in [0, 1], got {cfg.eps_warmup!r}")
         for name in ("train_size", "max_steps"):
             if int(getattr(cfg, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")

@@ -204,6 +204,7 @@ class _Trainer:
                 for x, y in self._batches():
                     t0 = time.perf_counter()
                     lr = lr_at(cfg.schedule, cfg.lr, self.step, self.total_steps)
+                    ctx.progress = (self.step + 0.5) / self.total_steps
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     out = self.method.loss(ctx, x, y)

@@ -38,12 +38,30 @@ class StepContext:
         train_net: the network the training forward goes through (DDP-wrapped under torchrun).
         cfg: the resolved :class:`~pyens.training.config.TrainConfig`.
         generator: the run's CPU generator (MIMO input shuffles), saved in checkpoints.
+        progress: fraction of training done; with ``cfg.eps_warmup > 0`` the attack radii
+            and step sizes (``eps``, ``alpha``) ramp up linearly over that fraction.
     """
 
     net: nn.Module
     train_net: nn.Module
     cfg: object
     generator: torch.Generator
+    progress: float = 1.0  # fraction of training done, for the eps warm-up
+
+    @property
+    def scale(self) -> float:
+        """Radius multiplier: ramps 0 -> 1 linearly over the first ``eps_warmup`` of training."""
+        w = getattr(self.cfg, "eps_warmup", 0.0)
+        return 1.0 if w <= 0 else min(1.0, self.progress / w)
+
+    @property
+    def eps(self) -> tuple[float, ...]:
+        return tuple(e * self.scale for e in self.cfg.eps)
+
+    @property
+    def alpha(self) -> tuple[float, ...]:
+        # Steps shrink with the radius so K steps still span the (smaller) ball.
+        return tuple(a * self.scale for a in self.cfg.alpha)
 
 
 @dataclass
@@ -195,7 +213,7 @@ class AT(Method):
     def loss(self, ctx, x, y):
         cfg = ctx.cfg
         with _attack_mode(ctx.net):
-            x_adv = _pgd(ctx, cfg.norms[0], cfg.eps[0], cfg.alpha[0])(x, y)
+            x_adv = _pgd(ctx, cfg.norms[0], ctx.eps[0], ctx.alpha[0])(x, y)
         return _single_output(ctx.train_net(x_adv), y)
 
 
@@ -215,7 +233,7 @@ class EnsembleAT(Method):
         with _attack_mode(ctx.net):
             # The members share no parameters, so the summed-loss gradient of slot m IS
             # model m's own gradient: one backward per step serves all M models exactly.
-            x_adv = mimo_pgd(ctx.net, xm, ym, norms=cfg.norms, eps=cfg.eps, alpha=cfg.alpha,
+            x_adv = mimo_pgd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha,
                              steps=cfg.steps, k=cfg.k, gradient="approx", random_start=cfg.random_start)
         return _member_output(ctx.train_net(x_adv), ym, "sum")
 
@@ -229,7 +247,7 @@ class _MultiPerturbation(Method):
     def loss(self, ctx, x, y):
         cfg = ctx.cfg
         with _attack_mode(ctx.net):
-            advs = [_pgd(ctx, p, e, a)(x, y) for p, e, a in zip(cfg.norms, cfg.eps, cfg.alpha)]
+            advs = [_pgd(ctx, p, e, a)(x, y) for p, e, a in zip(cfg.norms, ctx.eps, ctx.alpha)]
         logits = ctx.train_net(torch.cat(advs))  # one pass over the M adversarial batches
         losses = F.cross_entropy(logits, y.repeat(len(advs)), reduction="none").view(len(advs), -1)
         loss = self.reduce(losses)
@@ -268,7 +286,7 @@ class MSD(Method):
 
         cfg = ctx.cfg
         with _attack_mode(ctx.net):
-            x_adv = MSDAttack(ctx.net, norms=cfg.norms, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, k=cfg.k)(x, y)
+            x_adv = MSDAttack(ctx.net, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps, k=cfg.k)(x, y)
         return _single_output(ctx.train_net(x_adv), y)
 
 
@@ -286,7 +304,7 @@ class _MimoAdversarial(Method):
         cfg = ctx.cfg
         xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator)
         with _attack_mode(ctx.net):
-            x_adv = mimo_pgd(ctx.net, xm, ym, norms=cfg.norms, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps,
+            x_adv = mimo_pgd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps,
                              k=cfg.k, gradient=self.gradient, random_start=cfg.random_start)
         return _member_output(ctx.train_net(x_adv), ym, cfg.outer)
 
@@ -330,6 +348,9 @@ class MATMSD(Method):
         cfg = ctx.cfg
         xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator)
         with _attack_mode(ctx.net):
-            x_adv = mimo_msd(ctx.net, xm, ym, norms=cfg.norms, eps=cfg.eps, alpha=cfg.alpha,
+            x_adv = mimo_msd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha,
                              steps=cfg.steps, k=cfg.k)
         return _member_output(ctx.train_net(x_adv), ym, cfg.outer)
+
+
+from pyens.training import dml_methods  # noqa: E402,F401  (registers dml, dml_at, ensemble)
