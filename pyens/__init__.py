@@ -12,7 +12,7 @@ import importlib
 
 from pyens import ops, reference  # noqa: E402
 
-_LAZY_MODULES = ("attacks", "data", "eval", "nn", "training")
+_LAZY_MODULES = ("attacks", "data", "ensembles", "eval", "nn", "training")
 _LAZY_FUNCTIONS = {"train": "pyens.training", "load_run": "pyens.training", "evaluate": "pyens.eval"}
 
 
