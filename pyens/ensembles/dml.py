@@ -184,8 +184,9 @@ class DMLEnsemble(Ensemble):
     def orthogonality(self) -> torch.Tensor:
         """``sum_{k != t} ||M_k M_t||_F`` over ordered pairs (eq. 3's second term, without gamma)."""
         mats = self.metrics()
-        norms = torch.linalg.matrix_norm(torch.einsum("kij,tjl->ktil", mats, mats))  # [M, M]
-        return norms.sum() - norms.diagonal().sum()
+        k, t = torch.triu_indices(len(mats), len(mats), offset=1)  # unordered pairs k < t
+        # ||M_t M_k|| = ||(M_k M_t)^T|| for symmetric M: each unordered pair counts twice.
+        return 2 * torch.linalg.matrix_norm(mats[k] @ mats[t]).sum()
 
     def l1(self) -> torch.Tensor:
         """``sum_k ||M_{I_k}||_1`` (eq. 3's third term, without beta)."""
