@@ -105,9 +105,54 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q(0.25), q(0.5), q(0.75)
 
 
-def table(header: list[str], rows: list[list], right: int = 0) -> str:
-    """A Markdown table; the last ``right`` columns are right-aligned (numbers)."""
-    align = ["---"] * (len(header) - right) + ["---:"] * right
+def table(header: list[str], rows: list[list], right=0) -> str:
+    """A Markdown table. ``right``: the number of last columns to right-align (numbers), or
+    the set of column indices to right-align."""
+    cols = set(range(len(header) - right, len(header))) if isinstance(right, int) else set(right)
+    align = ["---:" if i in cols else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# the command line shared by the cost table and the training-time table
+
+def add_common_args(ap, *, methods: tuple[str, ...], repeats: int) -> None:
+    """The options every table takes: the setting (K, M, backbone, B, device) and the output."""
+    ap.add_argument("--steps", type=int, default=10, help="K, PGD steps of the inner maximisation (10)")
+    ap.add_argument("--members", type=int, default=3, help="M, sub-models / perturbation types (3)")
+    ap.add_argument("--backbone", default="small_cnn", help="backbone of every method (small_cnn)")
+    ap.add_argument("--batch-size", type=int, default=100, help="B, examples per batch (100)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset ({','.join(methods)})")
+    ap.add_argument("--repeats", type=int, default=repeats, help=f"timed interleaved rounds ({repeats})")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default; 1 is steadiest on a shared, busy CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH", help="write the rows (a JSON list) to PATH")
+    ap.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
+    ap.add_argument("--render", metavar="PATH", help="measure nothing: print the table of a saved --json file")
+
+
+def run_table(args, measure, markdown, **extra) -> list[dict]:
+    """``measure`` with the common options (and ``extra``), print ``markdown``, write ``--json``."""
+    import json
+
+    if args.render:
+        rows = json.loads(Path(args.render).read_text())
+        print(markdown(rows))
+        return rows
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    rows = measure(methods, steps=args.steps, members=args.members, backbone=args.backbone,
+                   batch_size=args.batch_size, device=args.device, repeats=args.repeats, seed=args.seed,
+                   log=log, **extra)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"(rows written to {args.json})", file=sys.stderr)
+    return rows

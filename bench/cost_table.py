@@ -29,15 +29,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from bench._env import environment, loadavg, quartiles, resolve_device, sync, table
+from bench._env import (
+    add_common_args,
+    environment,
+    loadavg,
+    quartiles,
+    resolve_device,
+    run_table,
+    sync,
+    table,
+)
 from pyens.training import TrainConfig, build_network, count_passes
 from pyens.training.methods import DEFAULT_NORMS, StepContext, get_method
 from pyens.training.run import counted_networks
@@ -109,11 +115,44 @@ class MethodBench:
         out.loss.backward()
         self.optimizer.step()
 
+    def profile(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Where one training batch's time goes, in ms (:data:`PROFILE_PARTS`; host time)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        device = x.device
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.step(x, y)
+            sync(device)
+        wall = 1e3 * (time.perf_counter() - t0)
+        split = dict.fromkeys(PROFILE_PARTS, 0.0)
+        for e in prof.events():
+            if e.cpu_parent is None:  # top level: a forward op, an autograd node, a launch, ...
+                split[_part(e.name)] += e.cpu_time_total / 1e3
+        split[PROFILE_PARTS[-1]] = max(wall - sum(split.values()), 0.0)
+        split["total"] = wall
+        return split
+
     def count(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(forward, backward) passes of one training batch, in batch-equivalents."""
         with count_passes(counted_networks(self.net), x.shape[0]) as c:
             self.step(x, y)
         return c.forward, c.backward
+
+
+PROFILE_PARTS = ("forward & tensor ops", "backward", "lp_step", "optimizer", "python & untracked")
+
+
+def _part(name: str) -> str:
+    """The part of :data:`PROFILE_PARTS` a top-level profiler event belongs to."""
+    if name.startswith("autograd::engine::evaluate_function"):
+        return "backward"
+    if name.startswith("Optimizer."):
+        return "optimizer"
+    if "lp_rows" in name or "lp_step" in name or "lp_project" in name:
+        return "lp_step"
+    return "forward & tensor ops"
 
 
 def mnist_batches(batch_size: int, count: int, device: torch.device, seed: int = 0):
@@ -133,17 +172,19 @@ def mnist_batches(batch_size: int, count: int, device: torch.device, seed: int =
 
 def measure(methods=METHODS, *, steps: int = 10, members: int = 3, backbone: str = "small_cnn",
             batch_size: int = 100, device: str = "cpu", repeats: int = 5, warmup: int = 1, seed: int = 0,
-            log=None) -> list[dict]:
+            profile: bool = False, log=None) -> list[dict]:
     """Count and time one training batch of each method; returns the table's rows.
 
-    Rows are in ``methods`` order; times in ms. ``log(str)`` reports progress (stderr).
+    Rows are in ``methods`` order; times in ms. ``profile``: also split one more batch of each
+    method by :data:`PROFILE_PARTS` (torch.profiler; row key ``profile_ms``). ``log(str)``
+    reports progress (stderr).
     """
     for name in methods:
         get_method(name)  # unknown names fail before any work
     log = log or (lambda s: None)
     dev = resolve_device(device)
     data, batches = mnist_batches(batch_size, 1 + warmup + repeats, dev, seed)
-    kw = dict(steps=steps, members=members, backbone=backbone, batch_size=batch_size)
+    kw = {"steps": steps, "members": members, "backbone": backbone, "batch_size": batch_size}
     benches = {m: MethodBench.build(m, data, dev, seed=seed, **kw) for m in methods}
 
     counts = {}
@@ -169,6 +210,7 @@ def measure(methods=METHODS, *, steps: int = 10, members: int = 3, backbone: str
         log(f"round {r + 1}/{warmup + repeats}{' (warm-up)' if r < warmup else ''}: "
             + ", ".join(f"{m} {1e3 * seconds[m][-1]:.0f} ms" for m in methods if r >= warmup))
 
+    split = {name: benches[name].profile(*batches[0]) for name in methods} if profile else {}
     env = environment(dev)
     loads = [v for v in load if v is not None]
     at = quartiles(seconds["at"])[1] if "at" in seconds else None
@@ -198,6 +240,7 @@ def measure(methods=METHODS, *, steps: int = 10, members: int = 3, backbone: str
             "steps": steps, "members": members, "backbone": backbone, "batch_size": batch_size,
             "dataset": "mnist (embedded)", "optimizer": "adam", "repeats": repeats, "warmup": warmup,
             "norms": list(benches[name].cfg.norms),
+            "profile_ms": split.get(name),
             "loadavg_min": min(loads) if loads else None, "loadavg_max": max(loads) if loads else None,
             **env,
         })
@@ -253,40 +296,68 @@ def setting(r: dict) -> str:
             f"commit {str(r['commit'])[:9]}{' + local edits' if r.get('dirty') else ''}")
 
 
-def markdown(rows: list[dict], *, heading: str = "##") -> str:
-    """Table 6 with the measured counts beside the paper's formulas, times and the targets."""
-    r0 = rows[0]
-    cpu = r0.get("cpu_ms_per_batch") is not None
-    out = [f"{heading} Table 6 reproduction: passes and time per training batch", "",
-           setting(r0) + ".",
-           f"Passes in batch-equivalents (hooks on the network; a pass over m·B examples counts m). "
-           f"Time: median wall clock of {r0['repeats']} interleaved rounds after {r0['warmup']} warm-up "
-           f"round(s), IQR beside it" + ("; CPU: the process's CPU time per batch" if cpu else "")
-           + f"; load average {r0['loadavg_min']}–{r0['loadavg_max']} on {r0['cpus']} CPUs.", ""]
+def markdown(rows: list[dict], *, heading: str = "##", beside: tuple[list[dict], ...] = ()) -> str:
+    """Table 6 with the measured counts beside the paper's formulas, times and the targets.
+
+    ``beside``: the rows of the same table measured on other devices (a GPU run beside the
+    CPU one); their times get columns of their own, the counts are shown once.
+    """
+    runs = [rows, *beside]
+    out = [f"{heading} Table 6 reproduction: passes and time per training batch", ""]
+    for run in runs:
+        r0 = run[0]
+        cpu = r0.get("cpu_ms_per_batch") is not None
+        out.append(f"- {r0['device']}: " + setting(r0) + f"; median wall clock of {r0['repeats']} interleaved "
+                   f"rounds after {r0['warmup']} warm-up round(s), IQR beside it"
+                   + ("; CPU: the process's CPU time per batch" if cpu else "")
+                   + f"; load average {r0['loadavg_min']}–{r0['loadavg_max']} on {r0['cpus']} CPUs.")
+    out += ["", ("Passes are batch-equivalents counted by hooks on the network (a pass over m·B examples "
+            "counts m; a vanilla ensemble's pass counts once per member network)."), ""]
+    header = ["Methods (paper's Table 6)", "method", "forward: paper", "forward: measured", "backward: paper",
+              "backward: measured"]
+    for run in runs:
+        dev = run[0]["device"]
+        header += [f"ms / batch ({dev})", "IQR (ms)", f"× AT ({dev})"]
+        header += ["CPU ms / batch", "× AT (CPU time)"] if run[0].get("cpu_ms_per_batch") is not None else []
+    others = [by_method(run) for run in beside]
     body = []
     for r in rows:
         row = [r["label"], f"`{r['method']}`",
                _formula(r["formula_forward_text"], r["formula_forward"]), _count(r["forward"]),
-               _formula(r["formula_backward_text"], r["formula_backward"]), _count(r["backward"]),
-               _ms(r["ms_per_batch"]), f"{_ms(r['ms_q1'])}–{_ms(r['ms_q3'])}", _ratio(r["ratio_vs_at"])]
-        if cpu:
-            row += [_ms(r["cpu_ms_per_batch"]), _ratio(r["cpu_ratio_vs_at"])]
+               _formula(r["formula_backward_text"], r["formula_backward"]), _count(r["backward"])]
+        for o in [r] + [other.get(r["method"]) for other in others]:
+            if o is None:
+                row += ["-"] * 3
+                continue
+            row += [_ms(o["ms_per_batch"]), f"{_ms(o['ms_q1'])}–{_ms(o['ms_q3'])}", _ratio(o["ratio_vs_at"])]
+            row += [_ms(o["cpu_ms_per_batch"]), _ratio(o["cpu_ratio_vs_at"])] if o.get("cpu_ms_per_batch") else []
         body.append(row)
-    header = ["Methods (paper's Table 6)", "method", "forward: paper", "forward: measured", "backward: paper",
-              "backward: measured", "ms / batch (median)", "IQR (ms)", "× AT"]
-    header += ["CPU ms / batch", "× AT (CPU)"] if cpu else []
     out.append(table(header, body, right=len(header) - 2))
-    bad = [r["method"] for r in rows if not r["counts_match"]]
+    bad = sorted({r["method"] for run in runs for r in run if not r["counts_match"]})
     out += ["", "Every measured count equals the paper's formula." if not bad
             else f"**Counts differ from the formula for: {', '.join(bad)}.**"]
-    t = targets(rows)
-    if t:
-        body = [[x["target"], f"{x['ratio']:.2f}×", f"{x['paired_q1']:.2f}–{x['paired_q3']:.2f}"]
-                + ([_ratio(x["cpu_ratio"]) + "×"] if cpu else []) + ["yes" if x["met"] else "**no**"] for x in t]
-        header = ["target (wall time)", "measured: ratio of medians", "per-round ratios (IQR)"]
-        header += ["in CPU time"] if cpu else []
-        out += ["", table(header + ["met"], body, right=len(header) - 1)]
+    body = []
+    for run in runs:
+        for x in targets(run):
+            body.append([x["target"], run[0]["device"], f"{x['ratio']:.2f}×",
+                         f"{x['paired_q1']:.2f}–{x['paired_q3']:.2f}",
+                         "-" if x["cpu_ratio"] is None else f"{x['cpu_ratio']:.2f}×", "yes" if x["met"] else "**no**"])
+    if body:
+        out += ["", table(["target (on wall time)", "device", "measured: ratio of medians", "per-round ratios (IQR)",
+                           "in CPU time", "met"], body, right={2, 3, 4})]
+    if rows[0].get("profile_ms"):
+        out += ["", breakdown(rows)]
     return "\n".join(out) + "\n"
+
+
+def breakdown(rows: list[dict]) -> str:
+    """The ``--profile`` table: where one batch's time goes (one profiled batch per method)."""
+    head = ["method", *PROFILE_PARTS, "profiled batch (ms)"]
+    body = [[f"`{r['method']}`"] + [_ms(r["profile_ms"][p]) for p in PROFILE_PARTS] + [_ms(r["profile_ms"]["total"])]
+            for r in rows]
+    return ("Where the time goes (ms, one extra batch per method under torch.profiler, top-level events: network "
+            "forward and other tensor ops, autograd backward nodes, the fused lp step, Adam; the rest is Python "
+            "and untracked time):\n\n" + table(head, body, right=len(head) - 1))
 
 
 def _ratio(v) -> str:
@@ -295,36 +366,14 @@ def _ratio(v) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cost_table", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="K, PGD steps of the inner maximisation (10)")
-    ap.add_argument("--members", type=int, default=3, help="M, sub-models / perturbation types (3)")
-    ap.add_argument("--backbone", default="small_cnn", help="backbone of every method (small_cnn)")
-    ap.add_argument("--batch-size", type=int, default=100, help="B, examples per batch (100)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (all of Table 6)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (5)")
+    add_common_args(ap, methods=METHODS, repeats=5)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the counted batch (1)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", metavar="PATH", help="write the rows to PATH")
-    ap.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
-    ap.add_argument("--render", metavar="PATH", help="measure nothing: print the table of a saved --json file")
+    ap.add_argument("--profile", action="store_true", help="also split one batch per method by part (torch.profiler)")
     args = ap.parse_args(argv)
-    if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if "at" not in methods:
+    if not args.render and "at" not in args.methods.split(","):
         raise SystemExit("--methods must include 'at': every ratio is against vanilla AT")
-    rows = measure(methods, steps=args.steps, members=args.members, backbone=args.backbone,
-                   batch_size=args.batch_size, device=args.device, repeats=args.repeats, warmup=args.warmup,
-                   seed=args.seed, log=None if args.quiet else lambda s: print(s, file=sys.stderr, flush=True))
-    print(markdown(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"(rows written to {args.json})", file=sys.stderr)
+    rows = run_table(args, measure, markdown, **({} if args.render else {"warmup": args.warmup,
+                                                                       "profile": args.profile}))
     return 0 if all(r["counts_match"] for r in rows) else 1
 
 

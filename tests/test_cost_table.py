@@ -1,0 +1,90 @@
+"""The benchmark tables (bench/): Table 6 counts equal the formulas; the JSON, compare and README
+plumbing. Tiny K, M and B; never a timing in an assertion."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import compare, cost_table, readme, train_time
+
+TINY = ["--batch-size", "4", "--repeats", "1", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    data, batches = cost_table.mnist_batches(4, 1, torch.device("cpu"))
+    return data, batches[0]
+
+
+@pytest.mark.parametrize(("k", "m"), [(2, 3), (1, 2)])
+@pytest.mark.parametrize("method", cost_table.METHODS)
+def test_measured_counts_equal_table_6(method, k, m, mnist):
+    """One real training batch (loss, backward, Adam step) counted with hooks = the paper's formula."""
+    data, (x, y) = mnist
+    b = cost_table.MethodBench.build(method, data, torch.device("cpu"), steps=k, members=m, backbone="small_cnn",
+                                     batch_size=4)
+    assert b.cfg.members == (1 if method in ("standard", "at") else m)
+    assert b.count(x, y) == cost_table.get_method(method).passes(k, m)
+
+
+@pytest.fixture(scope="module")
+def cost_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cost") / "cpu-2026-01-01-cost-table.json"
+    rc = cost_table.main(["--steps", "1", "--members", "2", "--methods", "standard,at,msd,mat,ensemble_at",
+                          "--warmup", "0", "--json", str(path), *TINY])
+    assert rc == 0  # every count equals its formula
+    return path, json.loads(path.read_text())
+
+
+def test_cost_table_json_rows(cost_rows):
+    _, rows = cost_rows
+    assert [r["method"] for r in rows] == ["standard", "at", "msd", "mat", "ensemble_at"]
+    for r in rows:
+        for key in ("forward", "backward", "formula_forward", "formula_backward", "ms_per_batch", "ratio_vs_at",
+                    "device", "torch", "python", "pyens", "commit", "device_name"):
+            assert key in r, key
+        assert r["counts_match"] and len(r["ms_rounds"]) == 1 and r["device"] == "cpu"
+    msd = cost_table.by_method(rows)["msd"]
+    assert (msd["forward"], msd["backward"]) == ((1 + 2) * 1 + 1, 1 + 1)
+    text = cost_table.markdown(rows)
+    assert "(1 + M)K + 1 = 4" in text and "Every measured count equals the paper's formula." in text
+    assert [t["target"] for t in cost_table.targets(rows)] == [t[0] for t in cost_table.TARGETS]
+
+
+def test_train_time_rows(tmp_path):
+    path = tmp_path / "cpu-2026-01-01-train-time.json"
+    train_time.main(["--steps", "1", "--members", "2", "--methods", "standard,at", "--batches", "1",
+                     "--json", str(path), *TINY])
+    rows = json.loads(path.read_text())
+    assert [r["method"] for r in rows] == ["standard", "at"]
+    for r in rows:
+        assert {"s_per_batch", "images_per_s", "extrapolated_epoch_s_mnist60k", "paper_mnist_s", "commit"} <= set(r)
+    assert "*extrapolated*" in train_time.markdown(rows) and "10min23s" in train_time.markdown(rows)
+
+
+def test_compare_two_runs(cost_rows, capsys):
+    path, _ = cost_rows
+    assert compare.main([str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mat |" in out and "B / A" in out
+    other = path.with_name("not-a-result.json")
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="not a pytest-benchmark"):
+        compare.load_run(other)
+
+
+def test_readme_block_is_spliced_into_the_performance_section(cost_rows, tmp_path):
+    path, _ = cost_rows
+    kernels = {"datetime": "2026-01-01T00:00:00", "benchmarks": [
+        {"name": n, "fullname": f"bench/bench_op.py::{n}", "group": "g", "stats": {"median": t},
+         "extra_info": {"device": "cpu", "provider": p}} for n, p, t in (("a", "cpu", 1.0), ("b", "peer", 4.0))]}
+    (path.parent / "cpu-2026-01-01-op.json").write_text(json.dumps(kernels))
+    doc = tmp_path / "README.md"
+    doc.write_text("# x\n\n## Performance\n\nhand-written\n\n## Layout\n\nrest\n")
+    assert readme.refresh(doc, path.parent, charts=False)
+    text = doc.read_text()
+    assert text.index("hand-written") < text.index(readme.START) < text.index(readme.END) < text.index("## Layout")
+    assert "| op | cpu | peer | 1 | 4.00× |" in text and "Table 6 reproduction" in text
+    assert not readme.refresh(doc, path.parent, charts=False)  # idempotent
