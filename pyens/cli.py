@@ -1,7 +1,9 @@
 """The ``pyens`` command (also ``python -m pyens``).
 
   pyens train   train a model (no arguments: MAT on the embedded MNIST, then its robustness table)
-  pyens eval    evaluate trained runs: clean accuracy, PGD linf/l2/l1 and their union (Table 4)
+  pyens eval    evaluate trained runs: clean accuracy, PGD linf/l2/l1 (or the attack catalogue), unions (Table 4)
+  pyens report  evaluate runs and write a Markdown report: Table 4, transfer tables, curves, sanity checks
+  pyens dml-report  DML paper tables (2, 4-9), detection, certified accuracy, masking check
   pyens info    versions, build flags, devices and the backend every op would use
   pyens demo    a short MAT-style PGD run of the fused step on every usable backend
 """
@@ -138,31 +140,78 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pyens.data import load
-    from pyens.eval import evaluate, format_table, pgd_specs
-    from pyens.training import load_run
+    from pyens.eval import catalogue, format_table, pgd_specs
+    from pyens.eval.reporting import evaluate_run
     from pyens.training.distributed import resolve_device
 
     device = resolve_device(args.eval_device or "auto")
+    if args.attacks == "pgd":
+        specs = lambda dataset: pgd_specs(dataset, steps=args.eval_steps, restarts=args.eval_restarts)  # noqa: E731
+    else:
+        specs = lambda dataset: catalogue(args.attacks, dataset)  # noqa: E731
     reports = []
     for run_dir in run_dirs:
-        run = load_run(run_dir, device)
-        data = load(run.config.dataset, "test", data_dir=run.config.data_dir or None)
-        specs = pgd_specs(run.config.dataset, steps=args.eval_steps, restarts=args.eval_restarts)
-        report = evaluate(run.classifier, data, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size,
-                          device=device, name=Path(run_dir).name, dataset=run.config.dataset,
-                          progress=not args.no_progress)
-        report.meta.update(method=run.config.method, model=run.config.model, epochs=run.epoch)
+        report = evaluate_run(run_dir, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size, device=device,
+                              progress=not args.no_progress)
         report.to_json(Path(run_dir) / "eval.json")
         (Path(run_dir) / "eval.md").write_text(report.to_markdown())
         reports.append(report)
     n = reports[0].n
-    print(f"\nrobust accuracy (%) on the first {n} test images, PGD at the paper's radii, "
-          f"{args.eval_steps} steps (Table 4 layout):")
+    what = f"PGD at the paper's radii, {args.eval_steps} steps" if args.attacks == "pgd" else \
+        f"the {args.attacks!r} attack catalogue"
+    print(f"\nrobust accuracy (%) on the first {n} test images, {what} (Table 4 layout):")
     print(format_table(reports))
     if args.markdown:
         Path(args.markdown).write_text(format_table(reports, markdown=True))
         print(f"markdown table written to {args.markdown}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pyens.eval.reporting import Settings, report_runs
+    from pyens.training.distributed import resolve_device
+
+    params, subsets = {}, {}
+    for item in args.set or []:  # attack.param=value
+        key, _, value = item.partition("=")
+        attack, _, param = key.partition(".")
+        if not (attack and param and value):
+            raise ValueError(f"--set: expected ATTACK.PARAM=VALUE, got {item!r}")
+        params.setdefault(attack, {})[param] = _literal(value)
+    for item in args.subset or []:  # attack=n
+        attack, _, value = item.partition("=")
+        if not (attack and value.isdigit()):
+            raise ValueError(f"--subset: expected ATTACK=N, got {item!r}")
+        subsets[attack] = int(value)
+    settings = Settings(preset=args.attacks, n=args.n, batch_size=args.batch_size,
+                        device=str(resolve_device(args.device or "auto")), curves_n=args.curves_n,
+                        transfer_n=args.transfer_n, only=args.only.split(",") if args.only else None,
+                        params=params, subsets=subsets, curves=not args.no_curves, transfer=not args.no_transfer,
+                        progress=not args.no_progress)
+    command = "pyens " + " ".join(shlex.quote(a) for a in args.argv)
+    path = report_runs(args.run_dirs, args.out, settings, title=args.title, command=command)
+    print(f"report written to {path}")
+    return 0
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def cmd_dml_report(args: argparse.Namespace) -> int:
+    from pyens.eval.dml import TABLES, run_dml_report
+    from pyens.training.distributed import resolve_device
+
+    tables = TABLES if args.tables == "all" else tuple(t for t in args.tables.split(",") if t)
+    run_dml_report(args.run_dirs, tables=tables, n=args.n, budget=args.budget, out=args.out,
+                   device=resolve_device(args.device or "auto"), progress=not args.no_progress, merge=args.merge)
     return 0
 
 
@@ -174,6 +223,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--eval-device", default=None, help="default: auto")
     g.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    g.add_argument("--attacks", default="pgd", choices=("pgd", "quick", "paper"),
+                   help="pgd: PGD linf/l2/l1 (--eval-steps, --eval-restarts); quick/paper: the attack catalogue")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     _eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    rp = sub.add_parser("report", help="evaluate runs and write a Markdown report with tables and plots",
+                        description="Table 4 (every catalogue attack), transferability (Tables 1-3, 9-12), curves, "
+                                    "diagnostics and sanity checks of trained runs (or of saved evaluations), as "
+                                    "OUT/report.md with PNGs beside it. Measurements are cached under OUT/data.")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", default="report", help="output folder (default: ./report)")
+    rp.add_argument("--title", default=None)
+    rp.add_argument("--attacks", default="quick", choices=("quick", "paper", "pgd"), help="catalogue preset")
+    rp.add_argument("--only", default=None, help="comma-separated catalogue keys (default: all of the preset)")
+    rp.add_argument("--set", action="append", metavar="ATTACK.PARAM=VALUE", help="override a preset parameter")
+    rp.add_argument("--subset", action="append", metavar="ATTACK=N", help="run ATTACK on the first N examples only")
+    rp.add_argument("--n", type=int, default=1000, help="test images (the papers use the first 1000)")
+    rp.add_argument("--curves-n", type=int, default=200, help="test images for the curves")
+    rp.add_argument("--transfer-n", type=int, default=None, help="test images for the transfer tables (default: --n)")
+    rp.add_argument("--no-curves", action="store_true")
+    rp.add_argument("--no-transfer", action="store_true")
+    rp.add_argument("--batch-size", type=int, default=250)
+    rp.add_argument("--device", default=None, help="default: auto")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=cmd_report)
+    dr = sub.add_parser("dml-report", help="the DML paper's tables for DML and baseline ensemble runs",
+                        description="Tables 2, 4, 5, 6/9, 7, certified accuracy, detection, the distortion-accuracy "
+                                    "curve and a gradient-masking check, as dml_report.{json,md} and dml_curve.png.")
+    dr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="ensemble runs (dml, dml_at, ensemble, ...)")
+    dr.add_argument("--tables", default="all", help="comma-separated: table2,transfer,curve,surrogates,table5,"
+                                                    "table6,autoattack,certified,detection (default: all)")
+    dr.add_argument("--n", type=int, default=1000, help="test images (the paper: the first 1000)")
+    dr.add_argument("--budget", default="quick", choices=("quick", "paper"), help="attack budget (pyens.eval.dml)")
+    dr.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+    dr.add_argument("--merge", action="store_true", help="add the tables to an existing dml_report.json")
+    dr.add_argument("--device", default=None, help="default: auto")
+    dr.add_argument("--no-progress", action="store_true")
+    dr.set_defaults(func=cmd_dml_report)
     demo = sub.add_parser("demo", help="run MAT's fused inner PGD step on every usable backend")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--batch", type=int, default=128)
@@ -207,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

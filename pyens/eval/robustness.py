@@ -1,120 +1,180 @@
-"""``pyens.evaluate``: run a set of attacks on a model, batched, and report per example."""
+"""``pyens.evaluate``: run the attack catalogue on a model, batched, and report per example."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from pyens.eval.catalogue import PRESETS, AttackSpec, catalogue
 from pyens.eval.report import AttackResult, RobustnessReport
 
-# MAT paper radii (Appendix C) per dataset: (linf, l2, l1).
-RADII = {"mnist": (0.3, 2.0, 10.0), "cifar10": (0.03, 0.5, 12.0), "resisc45": (0.03, 0.5, 12.0)}
+# Relative and absolute slack on the radius check: float32 rounding of a projected perturbation.
+EPS_RTOL, EPS_ATOL = 1e-4, 1e-5
 
 
-@dataclass
-class AttackSpec:
-    """An attack to evaluate: a label, its worst-case group and a factory.
+def lp_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row norm of ``d: [B, ...]`` -> ``[B]``; ``norm`` is ``"linf"``, ``"l2"`` or ``"l1"``."""
+    d = d.flatten(1)
+    if norm == "linf":
+        return d.abs().amax(1)
+    if norm == "l2":
+        return d.norm(dim=1)
+    if norm == "l1":
+        return d.abs().sum(1)
+    raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
 
-    ``make(model)`` returns a callable ``(x, y) -> x_adv`` for a classifier
-    ``model: [B, C, H, W] -> [B, K]``.
+
+def targets(model, surrogate: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+    """``(predict, attack)``: the classifier whose decisions are judged, and the differentiable
+    classifier gradient attacks use (both ``[B, C, H, W] -> [B, K]``).
+
+    - A member ensemble (MIMO, :class:`pyens.nn.Ensemble`: anything with ``.ensemble``) is
+      judged and attacked through its averaged output (:func:`pyens.training.classifier`).
+    - A model with a ``surrogate`` (a module, or a method returning one; e.g. a DML
+      ensemble whose majority vote is not differentiable) is judged by its own output and
+      attacked through the surrogate; ``surrogate=`` overrides it.
+    - Anything else is both.
     """
+    from pyens.training import classifier
 
-    name: str
-    group: str
-    make: Callable[[nn.Module], Callable]
-    params: dict = field(default_factory=dict)
-
-
-def pgd_specs(dataset: str = "mnist", *, steps: int = 50, k: int = 20, restarts: int = 1,
-              random_start: bool = False) -> list[AttackSpec]:
-    """PGD linf / l2 / l1 at the paper's radii, with ``alpha = 2.5 eps / steps`` (l1: ``10 eps /
-    steps`` capped below by ``eps / 20``, since an l1 step moves only ``alpha`` of mass on k
-    coordinates; the paper's 200-step preset uses its training step sizes instead)."""
-    from pyens.attacks import PGD
-
-    out = []
-    for norm, eps in zip(("linf", "l2", "l1"), RADII[dataset]):
-        alpha = 2.5 * eps / steps if norm != "l1" else max(10 * eps / steps, eps / 20)
-        params = dict(norm=norm, eps=eps, alpha=alpha, steps=steps, k=k, restarts=restarts,
-                      random_start=random_start)
-        out.append(AttackSpec(f"PGD {norm} (eps {eps:g}, {steps} steps)", norm,
-                              lambda model, p=params: PGD(model, **p), params))
-    return out
+    predict = classifier(model) if hasattr(model, "ensemble") else model
+    if surrogate is None:
+        surrogate = getattr(model, "surrogate", None)
+    if surrogate is not None and not isinstance(surrogate, nn.Module) and callable(surrogate):
+        surrogate = surrogate()
+    return predict, (surrogate if surrogate is not None else predict)
 
 
-def _labelled(data, n: int):
+def labelled(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` ``(x [n, C, H, W], y [n])`` of a pyens dataset, any ``(x, y)`` indexable
+    dataset, or a tuple ``(x, y)`` of tensors."""
+    if isinstance(data, tuple):
+        return data[0][:n], data[1][:n]
     images = getattr(data, "images", None)
+    n = min(n, len(data))
     if images is not None:
         return images[:n], data.labels[:n]
     items = [data[i] for i in range(n)]
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
 
 
-def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "quick", n: int = 1000,
+def predict_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(-1)
+
+
+def resolve_attacks(attacks, dataset: str) -> list[AttackSpec]:
+    if isinstance(attacks, str):
+        if attacks not in PRESETS:
+            raise ValueError(f"attacks must be one of {PRESETS} or a list of AttackSpec, got {attacks!r}")
+        return catalogue(attacks, dataset)
+    return list(attacks)
+
+
+def _same(a: AttackResult, spec: AttackSpec, n: int) -> bool:
+    want = None if spec.n is None or spec.n >= n else spec.n
+    have = None if a.attacked is None else int(a.attacked.sum())
+    return a.name == spec.name and a.params == spec.params and want == have
+
+
+def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper", n: int = 1000,
              batch_size: int = 250, device: str | torch.device = "cpu", name: str = "model",
-             dataset: str | None = None, progress: bool = True) -> RobustnessReport:
+             dataset: str | None = None, progress: bool = True, surrogate: nn.Module | None = None,
+             seed: int = 0, resume: RobustnessReport | None = None,
+             on_result: Callable[[RobustnessReport], None] | None = None) -> RobustnessReport:
     """Evaluate ``model`` on the first ``n`` examples of ``data`` under ``attacks``.
 
     Args:
-        model: a classifier ``[B, C, H, W] -> [B, K]`` in pixel space (for a MIMO or vanilla
-            ensemble, :func:`pyens.training.classifier` of it: the averaged output).
+        model: a classifier ``[B, C, H, W] -> [B, K]`` in pixel space, a MIMO or vanilla
+            ensemble (attacked through its averaged output), or a model with a differentiable
+            ``surrogate`` (DML ensembles); see :func:`targets`.
         data: a pyens dataset (or any ``(x, y)`` indexable dataset), or a tuple ``(x, y)``.
-        attacks: a list of :class:`AttackSpec`, or ``"quick"`` (PGD linf/l2/l1, 50 steps) /
-            ``"paper"`` (200 steps, l1 k = 20).
+        attacks: a list of :class:`AttackSpec`, or a preset of :func:`pyens.eval.catalogue`:
+            ``"paper"`` (the whole catalogue at the papers' settings), ``"quick"`` (the same
+            attacks cut to CPU size, every cut labelled) or ``"pgd"``.
         n: number of examples (the papers use the first 1000 test images).
         batch_size: examples per attack batch.
+        device: where the model and the attacks run.
+        surrogate: the differentiable classifier for gradient attacks (default: see :func:`targets`).
+        seed: every attack batch starts from ``torch.manual_seed(seed + batch index)``.
+        resume: an earlier report of the same model and examples: its attacks with the same
+            label, parameters and example count are kept instead of being run again.
+        on_result: called with the report so far after each attack (e.g. to save it).
 
     Returns:
-        A :class:`RobustnessReport` with per-example results.
+        A :class:`RobustnessReport` with per-example results (and per-example distances).
+        An attack succeeds on an example only if the model misclassifies its output AND the
+        output lies within the spec's radius (minimum-norm attacks are judged this way).
     """
-    if isinstance(data, tuple):
-        x_all, y_all = data[0][:n], data[1][:n]
-    else:
-        x_all, y_all = _labelled(data, min(n, len(data)))
-    ds_name = dataset or getattr(data, "name", "mnist")
-    if isinstance(attacks, str):
-        if attacks not in ("quick", "paper"):
-            raise ValueError(f"attacks must be 'quick', 'paper' or a list of AttackSpec, got {attacks!r}")
-        attacks = pgd_specs(ds_name, steps=50) if attacks == "quick" else pgd_specs(ds_name, steps=200)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    x_all, y_all = labelled(data, n)
+    ds_name = dataset or getattr(data, "name", "mnist")
+    specs = resolve_attacks(attacks, ds_name)
     device = torch.device(device)
-    model = model.to(device).eval()
+    predict, attack_model = targets(model, surrogate)
+    predict, attack_model = predict.to(device).eval(), attack_model.to(device).eval()
+    count = len(x_all)
+    done = {a.name: a for a in (resume.attacks if resume is not None and resume.n == count else [])}
+    todo = [s for s in specs if not (s.name in done and _same(done[s.name], s, count))]
+    run_ids = {id(s) for s in todo}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = (len(attacks) + 1) * ((len(x_all) + batch_size - 1) // batch_size)
+        batches = lambda m: (m + batch_size - 1) // batch_size  # noqa: E731
+        total = batches(count) + sum(batches(min(s.n or count, count)) for s in todo)
         bar = tqdm(total=total, desc=f"eval {name}", unit="batch", dynamic_ncols=True)
 
-    def batched(fn) -> torch.Tensor:
-        out = []
-        for i in range(0, len(x_all), batch_size):
-            x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
-            out.append(fn(x, y).cpu())
+    def batched(fn, m: int) -> list[torch.Tensor]:
+        outs = []
+        for b, i in enumerate(range(0, m, batch_size)):
+            torch.manual_seed(seed + b)
+            x, y = x_all[i:min(i + batch_size, m)].to(device), y_all[i:min(i + batch_size, m)].to(device)
+            outs.append([t.cpu() for t in fn(x, y)])
             if bar is not None:
                 bar.update(1)
-        return torch.cat(out)
+        return [torch.cat(parts) for parts in zip(*outs)]
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(x).argmax(1)
-
+    meta = {"dataset": ds_name, "n": count, "device": str(device), "torch": torch.__version__, "seed": seed}
+    report = RobustnessReport(name, torch.zeros(count, dtype=torch.bool), [], meta)
     try:
-        clean = batched(lambda x, y: predict(x) == y)
-        results = []
-        for spec in attacks:
+        (report.clean,) = batched(lambda x, y: [predict_labels(predict, x) == y], count)
+        for spec in specs:
+            if id(spec) not in run_ids:
+                report.attacks.append(done[spec.name])
+                continue
             if bar is not None:
                 bar.set_postfix_str(spec.name)
-            atk = spec.make(model)
+            atk = spec.make(attack_model if spec.kind == "white-box" else predict)
+            m = min(spec.n or count, count)
+
+            def run(x, y, atk=atk, spec=spec):
+                x_adv = atk(x, y)
+                if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+                    raise ValueError(f"attack {spec.name!r} returned {getattr(x_adv, 'shape', type(x_adv))}, "
+                                     f"expected x's shape {tuple(x.shape)}")
+                wrong = predict_labels(predict, x_adv) != y
+                if spec.norm is None:
+                    return [~wrong, torch.where(wrong, 0.0, torch.inf)]
+                dist = lp_norm((x_adv - x).float(), spec.norm)
+                inside = torch.ones_like(wrong) if spec.eps is None else dist <= spec.eps * (1 + EPS_RTOL) + EPS_ATOL
+                return [~(wrong & inside), torch.where(wrong, dist, torch.inf)]
+
             t0 = time.perf_counter()
-            correct = batched(lambda x, y: predict(atk(x, y)) == y)
-            results.append(AttackResult(spec.name, spec.group, correct, spec.params, time.perf_counter() - t0))
+            correct, dist = batched(run, m)
+            attacked = None
+            if m < count:  # the rest were never attacked: correct (robust) by convention, distance inf
+                attacked = torch.arange(count) < m
+                correct = torch.cat([correct, torch.ones(count - m, dtype=torch.bool)])
+                dist = torch.cat([dist, torch.full((count - m,), torch.inf)])
+            report.attacks.append(AttackResult(spec.name, spec.group, correct, spec.params, time.perf_counter() - t0,
+                                               spec.kind, spec.norm, spec.eps, dist, attacked, spec.note, spec.key))
+            if on_result is not None:
+                on_result(report)
     finally:
         if bar is not None:
             bar.close()
-    meta = {"dataset": ds_name, "n": len(x_all), "device": str(device), "torch": torch.__version__}
-    return RobustnessReport(name, clean, results, meta)
+    return report

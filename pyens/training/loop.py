@@ -279,9 +279,11 @@ class _Trainer:
         return correct / n
 
     def _diagnostics(self) -> dict:
-        """Per-epoch checks logged to metrics.jsonl: clean accuracy, MAT's cross-gradient ratio."""
+        """Per-epoch checks logged to metrics.jsonl: clean accuracy, MAT's cross-gradient ratio and
+        steepest-direction disagreement E_p, the members' gradient cosine similarity."""
         n = min(self.cfg.eval_size, len(self.eval_data))
         out = {"eval_clean_acc": self._clean_accuracy(n) if n else None}
+        mimo_inputs = None
         if self.method.kind == "mimo" and self.cfg.method != "mimo" and getattr(self.data, "images", None) is not None:
             from pyens.attacks import cross_gradient_ratio
             from pyens.nn import mimo_batch
@@ -294,6 +296,16 @@ class _Trainer:
             xm, ym = mimo_batch(x, y, self.cfg.members, generator=g)
             self.net.eval()
             out["cross_gradient_ratio"] = [float(r) for r in cross_gradient_ratio(self.net, xm, ym)]
+            mimo_inputs = (xm, ym)
+            self.net.train()
+        if hasattr(self.net, "member") and getattr(self.data, "images", None) is not None:
+            from pyens.eval.diagnostics import epoch_diagnostics
+
+            # E_p (MAT App. D, Fig. 4; MIMO only) and per member pair the mean cosine similarity
+            # of the input gradients and of their signs (DML Figs. 9-11), on the same fixed batch.
+            self.net.eval()
+            out.update(epoch_diagnostics(self.net, self.data.images[:128].to(self.device),
+                                         self.data.labels[:128].to(self.device), mimo_inputs=mimo_inputs))
             self.net.train()
         return out
 

@@ -1,0 +1,329 @@
+"""The attack catalogue of the MAT paper's Tables 4-5, with its parameters as presets.
+
+Every entry is an :class:`AttackSpec`: a row label, the worst case it joins, the norm and
+radius success is judged at, whether it needs gradients (``"white-box"``: given the model's
+differentiable classifier or surrogate) or only decisions (``"black-box"``: given the
+predicting model), and a factory ``make(model) -> attack(x, y) -> x_adv``.
+
+=================  =====  ==========  ==================================================
+key                group  kind        implementation (used as it is; adapters only)
+=================  =====  ==========  ==================================================
+pgd_linf/l2/l1     norm   white-box   :class:`pyens.attacks.PGD` (fused lp step)
+hsj                linf   black-box   foolbox ``HopSkipJumpAttack`` (linf constraint)
+autoattack_linf    linf   white-box   torchattacks ``AutoAttack`` (standard version)
+cw_l2              l2     white-box   torchattacks ``CW``, once per constant c
+boundary           l2     black-box   foolbox ``BoundaryAttack``
+autoattack_l2      l2     white-box   torchattacks ``AutoAttack`` (standard version)
+salt_pepper        l1     black-box   foolbox ``SaltAndPepperNoiseAttack``
+ead_l1             l1     white-box   foolbox ``EADAttack`` (L1 decision rule)
+msd                other  white-box   :class:`pyens.attacks.MSD` (worst of 3 steps)
+=================  =====  ==========  ==================================================
+
+Minimum-norm attacks (CW, EAD, HSJ, Boundary, salt & pepper) succeed on an example only if
+their adversarial example lies within the radius (``evaluate`` checks every attack's
+distance), and their per-example distances give the distortion-accuracy curves.
+
+Presets: ``"paper"`` (App. C.2: PGD 200 steps, l1 k = 20, 10 restarts, the training step
+sizes; the other attacks at their original authors' settings, which are the libraries'
+defaults unless said otherwise), ``"quick"`` (the same catalogue cut to CPU size; every
+difference from ``"paper"`` is written into the spec's ``note`` and so into the report) and
+``"pgd"`` (PGD linf / l2 / l1 only).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# MAT paper radii (Appendix C) per dataset: (linf, l2, l1).
+RADII = {"mnist": (0.3, 2.0, 10.0), "cifar10": (0.03, 0.5, 12.0), "resisc45": (0.03, 0.5, 12.0)}
+# The paper's PGD step sizes (Appendix C.1, also used at test time): (linf, l2, l1).
+PAPER_ALPHA = {"mnist": (0.01, 0.1, 0.8), "cifar10": (0.003, 0.02, 1.0), "resisc45": (0.003, 0.02, 1.0)}
+NORMS = ("linf", "l2", "l1")
+PRESETS = ("paper", "quick", "pgd")
+# Attacks that minimise the distortion: their per-example distances are worth a curve.
+MINIMUM_NORM = ("hsj", "cw_l2", "boundary", "salt_pepper", "ead_l1")
+
+
+@dataclass
+class AttackSpec:
+    """An attack to evaluate.
+
+    Attributes:
+        name: row label. group: ``"linf" | "l2" | "l1" | "other"``.
+        make: ``make(model) -> attack``, ``attack(x [B, C, H, W], y [B]) -> x_adv`` for a
+            classifier ``model: [B, C, H, W] -> [B, K]`` in pixel space.
+        params: its parameters (kept in the report). norm / eps: where success is judged
+            (``None``: no radius check, e.g. MSD's union of balls). kind: ``"white-box"`` or
+            ``"black-box"``. n: run on the first ``n`` examples only (``None``: all).
+        note: how it differs from the paper's preset. key: its catalogue key.
+    """
+
+    name: str
+    group: str
+    make: Callable[[nn.Module], Callable]
+    params: dict = field(default_factory=dict)
+    norm: str | None = None
+    eps: float | None = None
+    kind: str = "white-box"
+    n: int | None = None
+    note: str = ""
+    key: str = ""
+
+
+def _radii(dataset: str) -> tuple[float, float, float]:
+    if dataset not in RADII:
+        raise ValueError(f"dataset must be one of {sorted(RADII)}, got {dataset!r}")
+    return RADII[dataset]
+
+
+def quick_alpha(norm: str, eps: float, steps: int) -> float:
+    """PGD step size for a short run: ``2.5 eps / steps`` (l1: ``10 eps / steps``, at least
+    ``eps / 20``, since an l1 step moves only ``alpha`` of mass on k coordinates)."""
+    return 2.5 * eps / steps if norm != "l1" else max(10 * eps / steps, eps / 20)
+
+
+def _pgd_name(norm: str, eps: float, steps: int, restarts: int = 1) -> str:
+    more = f", {restarts} restarts" if restarts > 1 else ""
+    return f"PGD {norm} (eps {eps:g}, {steps} steps{more})"
+
+
+def pgd_specs(dataset: str = "mnist", *, steps: int = 50, k: int = 20, restarts: int = 1,
+              random_start: bool = False, alpha: tuple[float, float, float] | None = None) -> list[AttackSpec]:
+    """PGD linf / l2 / l1 at the paper's radii; ``alpha`` per norm (default :func:`quick_alpha`)."""
+    from pyens.attacks import PGD
+
+    out = []
+    for i, (norm, eps) in enumerate(zip(NORMS, _radii(dataset))):
+        a = quick_alpha(norm, eps, steps) if alpha is None else alpha[i]
+        params = dict(norm=norm, eps=eps, alpha=a, steps=steps, k=k, restarts=restarts, random_start=random_start)
+        out.append(AttackSpec(_pgd_name(norm, eps, steps, restarts), norm, lambda model, p=params: PGD(model, **p),
+                              params, norm, eps, key=f"pgd_{norm}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters: the libraries' attacks as they are, behind ``attack(x, y) -> x_adv``
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+class TorchattacksAttack:
+    """``torchattacks.<name>(model, **kwargs)(x, y)``; ``n_classes`` is read from the model
+    when the attack takes it (AutoAttack)."""
+
+    def __init__(self, model: nn.Module, name: str, **kwargs):
+        self.model, self.name, self.kwargs = model, name, kwargs
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torchattacks
+
+        kwargs = dict(self.kwargs)
+        if self.name == "AutoAttack":
+            kwargs.setdefault("n_classes", _num_classes(self.model, x))
+        return getattr(torchattacks, self.name)(self.model, **kwargs)(x, y).detach()
+
+
+class CWLadder:
+    """Carlini-Wagner l2 (torchattacks ``CW``, as it is) run once per constant ``c``; per
+    example the smallest-l2 adversarial example over the runs is kept. torchattacks' CW
+    takes one fixed ``c``; the ladder stands in for the original's binary search over c."""
+
+    def __init__(self, model: nn.Module, *, c: Iterable[float] = (1.0,), **kwargs):
+        self.model, self.c, self.kwargs = model, tuple(c), kwargs
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torchattacks
+
+        best = x.clone()
+        best_d = torch.full((len(x),), float("inf"), device=x.device)
+        for c in self.c:
+            adv = torchattacks.CW(self.model, c=c, **self.kwargs)(x, y).detach()
+            with torch.no_grad():
+                wrong = self.model(adv).argmax(1) != y
+            d = (adv - x).flatten(1).norm(dim=1)
+            better = wrong & (d < best_d)
+            best[better], best_d[better] = adv[better], d[better]
+        return best
+
+
+class FoolboxAttack:
+    """``foolbox.attacks.<name>(**kwargs)`` on ``foolbox.PyTorchModel(model, bounds=box)``,
+    run unbounded (``epsilons=None``): the raw adversarial examples are returned and the radius
+    is judged by :func:`pyens.eval.evaluate`."""
+
+    def __init__(self, model: nn.Module, name: str, box: tuple[float, float] = (0.0, 1.0), **kwargs):
+        self.model, self.name, self.box, self.kwargs = model, name, box, kwargs
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        import foolbox
+
+        fmodel = foolbox.PyTorchModel(self.model, bounds=self.box, device=x.device)
+        attack = getattr(foolbox.attacks, self.name)(**self.kwargs)
+        with warnings.catch_warnings():  # e.g. HSJ's "failed to find an initial adversarial": judged per example
+            warnings.simplefilter("ignore")
+            raw, _, _ = attack(fmodel, x, y, epsilons=None)
+        return raw.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalogue
+
+@dataclass(frozen=True)
+class Entry:
+    """A catalogue attack: label, group, norm index (into the radii), kind and factory."""
+
+    title: str
+    group: str
+    norm: str | None
+    kind: str
+    build: Callable  # (params, eps, radii) -> make(model)
+    library: str
+
+
+def _pgd(p, eps, radii):
+    from pyens.attacks import PGD
+
+    return lambda model: PGD(model, eps=eps, **p)
+
+
+def _msd(p, eps, radii):
+    from pyens.attacks import MSD
+
+    return lambda model: MSD(model, eps=radii, **p)
+
+
+def _ta(name, **fixed):
+    def build(p, eps, radii):
+        return lambda model: TorchattacksAttack(model, name, eps=eps, **fixed, **p)
+    return build
+
+
+def _fb(name, **fixed):
+    return lambda p, eps, radii: (lambda model: FoolboxAttack(model, name, **fixed, **p))
+
+
+CATALOGUE: dict[str, Entry] = {
+    "pgd_linf": Entry("PGD linf", "linf", "linf", "white-box", _pgd, "pyens"),
+    "hsj": Entry("HSJ linf", "linf", "linf", "black-box", _fb("HopSkipJumpAttack", constraint="linf"), "foolbox"),
+    "autoattack_linf": Entry("AutoAttack linf", "linf", "linf", "white-box", _ta("AutoAttack", norm="Linf", seed=0),
+                             "torchattacks"),
+    "pgd_l2": Entry("PGD l2", "l2", "l2", "white-box", _pgd, "pyens"),
+    "cw_l2": Entry("CW l2", "l2", "l2", "white-box", lambda p, eps, radii: (lambda model: CWLadder(model, **p)),
+                   "torchattacks"),
+    "boundary": Entry("Boundary l2", "l2", "l2", "black-box", _fb("BoundaryAttack"), "foolbox"),
+    "autoattack_l2": Entry("AutoAttack l2", "l2", "l2", "white-box", _ta("AutoAttack", norm="L2", seed=0),
+                           "torchattacks"),
+    "pgd_l1": Entry("PGD l1", "l1", "l1", "white-box", _pgd, "pyens"),
+    "salt_pepper": Entry("Salt & pepper l1", "l1", "l1", "black-box", _fb("SaltAndPepperNoiseAttack"), "foolbox"),
+    "ead_l1": Entry("EAD l1", "l1", "l1", "white-box", _fb("EADAttack", decision_rule="L1"), "foolbox"),
+    "msd": Entry("MSD linf/l2/l1", "other", None, "white-box", _msd, "pyens"),
+}
+
+
+def preset_params(preset: str, dataset: str = "mnist") -> dict[str, dict]:
+    """Catalogue key -> the preset's parameters for ``dataset`` (see the module docstring)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    radii = _radii(dataset)
+    if preset == "paper":
+        alpha = PAPER_ALPHA[dataset]
+        out = {f"pgd_{p}": dict(norm=p, alpha=a, steps=200, k=20, restarts=10, random_start=True)
+               for p, a in zip(NORMS, alpha)}
+        out.update(
+            hsj=dict(steps=64, initial_gradient_eval_steps=100, max_gradient_eval_steps=10000, gamma=1.0),
+            autoattack_linf=dict(version="standard"),
+            cw_l2=dict(c=(0.1, 1.0, 10.0, 100.0), kappa=0, steps=1000, lr=0.01),
+            boundary=dict(steps=25000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
+            autoattack_l2=dict(version="standard"),
+            salt_pepper=dict(steps=1000),
+            ead_l1=dict(binary_search_steps=9, steps=1000, initial_stepsize=0.01, initial_const=0.001,
+                        regularization=0.01, abort_early=True),
+            msd=dict(alpha=alpha, steps=200, k=20),
+        )
+        return {k: out[k] for k in CATALOGUE}
+    steps = 50
+    alpha = tuple(quick_alpha(p, e, steps) for p, e in zip(NORMS, radii))
+    out = {f"pgd_{p}": dict(norm=p, alpha=a, steps=steps, k=20, restarts=1, random_start=False)
+           for p, a in zip(NORMS, alpha)}
+    if preset == "pgd":
+        return out
+    out.update(
+        hsj=dict(steps=10, initial_gradient_eval_steps=100, max_gradient_eval_steps=1000, gamma=1.0),
+        autoattack_linf=dict(version="standard"),
+        cw_l2=dict(c=(1.0, 10.0), kappa=0, steps=100, lr=0.01),
+        boundary=dict(steps=1000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
+        autoattack_l2=dict(version="standard"),
+        salt_pepper=dict(steps=1000),
+        ead_l1=dict(binary_search_steps=5, steps=100, initial_stepsize=0.01, initial_const=0.001,
+                    regularization=0.01, abort_early=True),
+        msd=dict(alpha=alpha, steps=steps, k=20),
+    )
+    return {k: out[k] for k in CATALOGUE}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def differences(key: str, params: dict, dataset: str) -> str:
+    """``"steps 50 (paper 200), ..."``: how ``params`` differ from the paper's preset."""
+    paper = preset_params("paper", dataset)[key]
+    diffs = [f"{k} {_fmt(v)} (paper {_fmt(paper.get(k))})" for k, v in params.items()
+             if _fmt(v) != _fmt(paper.get(k))]
+    return ", ".join(diffs)
+
+
+def describe(params: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in params.items() if k != "norm")
+
+
+def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[str] | None = None,
+              params: dict[str, dict] | None = None, subsets: dict[str, int] | None = None) -> list[AttackSpec]:
+    """The catalogue's attacks with a preset's parameters, in the Table 4 order.
+
+    Args:
+        preset: ``"paper"``, ``"quick"`` or ``"pgd"``.
+        dataset: sets the radii (and the paper's step sizes).
+        only: catalogue keys to keep (default: all the preset has).
+        params: per-key parameter overrides, e.g. ``{"hsj": {"steps": 8}}``.
+        subsets: per-key example counts: run that attack on the first n examples only.
+
+    Every difference from the ``"paper"`` preset (parameters, subsets) is written into the
+    spec's ``note``, which the report prints beside the attack.
+    """
+    table = preset_params(preset, dataset)
+    radii = _radii(dataset)
+    params, subsets = params or {}, subsets or {}
+    keys = list(table) if only is None else list(only)
+    for key in [*keys, *params, *subsets]:
+        if key not in table:
+            raise ValueError(f"attack {key!r} is not in the {preset!r} preset; it has {sorted(table)}")
+    out = []
+    for key in keys:
+        entry = CATALOGUE[key]
+        p = {**table[key], **params.get(key, {})}
+        eps = radii[NORMS.index(entry.norm)] if entry.norm else None
+        note = differences(key, p, dataset)
+        if key in subsets:
+            note = ", ".join(filter(None, [f"first {subsets[key]} examples only", note]))
+        if key.startswith("pgd_"):
+            name = _pgd_name(entry.norm, eps, p["steps"], p.get("restarts", 1))
+        elif key == "msd":
+            name = f"{entry.title} ({p['steps']} steps)"
+        else:
+            name = f"{entry.title} (eps {eps:g})"
+        shown = p if eps is None else {"eps": eps, **p}
+        out.append(AttackSpec(name, entry.group, entry.build(p, eps, radii), shown, entry.norm, eps,
+                              entry.kind, subsets.get(key), note, key))
+    return out

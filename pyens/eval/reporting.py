@@ -1,0 +1,409 @@
+"""``pyens report`` and ``pyens eval``: evaluate trained runs and write the Markdown report.
+
+:func:`evaluate_run` is the one evaluation path of a run directory (``pyens eval`` and
+``pyens report`` both call it). :func:`report_runs` adds, per run, the robustness curves, the
+transfer tables (member ensembles), the gradient-similarity histograms, the per-epoch
+diagnostics of ``metrics.jsonl`` and the sanity checks, and writes ``report.md`` with the
+PNGs beside it.
+
+Everything measured is cached as JSON under ``OUT/data/<run>/`` together with the settings
+and a fingerprint of the checkpoint: re-running the command reuses what still matches (per
+attack for the evaluation), so an interrupted report resumes, and a changed setting or a
+retrained model is measured again. A RUN_DIR without a checkpoint but with a saved
+evaluation (``eval.json``, and optionally ``curves.json`` / ``transfer.json``) is reported
+from those files alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyens.eval.catalogue import CATALOGUE, catalogue, describe, preset_params
+from pyens.eval.curves import Curves, robustness_curves
+from pyens.eval.diagnostics import gradient_cosine, read_metrics
+from pyens.eval.report import PARTIAL, RobustnessReport, format_table, markdown_table
+from pyens.eval.robustness import evaluate, labelled, resolve_attacks
+from pyens.eval.sanity import MASKING, Check, flagged, run_checks
+from pyens.eval.transfer import TransferReport, submodel_table, transfer_tables
+
+ENSEMBLE_LABELS = {"mat": "MAT", "mat_msd": "MAT+MSD", "mat_same": "MAT (same norm)", "mimo_at": "MIMO AT",
+                   "mimo": "MIMO", "ensemble_at": "Vanilla ensemble"}
+
+
+@dataclass
+class Settings:
+    """What ``pyens report`` measures.
+
+    Attributes:
+        preset: the catalogue preset (``"paper"``, ``"quick"``, ``"pgd"``); it also sets the
+            PGD of the curves and the transfer tables.
+        n: examples for the catalogue (the papers: the first 1000 test images).
+        curves_n / transfer_n: examples for the curves and the transfer tables (None: ``n``).
+        only / params / subsets: see :func:`pyens.eval.catalogue`.
+        curves / transfer: measure them (transfer only for member ensembles).
+    """
+
+    preset: str = "quick"
+    n: int = 1000
+    batch_size: int = 250
+    device: str = "cpu"
+    curves_n: int | None = 200
+    transfer_n: int | None = None
+    only: list | None = None
+    params: dict = field(default_factory=dict)
+    subsets: dict = field(default_factory=dict)
+    curves: bool = True
+    transfer: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def specs(self, dataset: str):
+        return catalogue(self.preset, dataset, only=self.only, params=self.params, subsets=self.subsets)
+
+    def pgd(self, dataset: str) -> dict:
+        """The PGD parameters of the curves and transfer tables: the preset's, with ``params``."""
+        table = preset_params(self.preset, dataset)
+        return {k: {**table[k], **self.params.get(k, {})} for k in ("pgd_linf", "pgd_l2", "pgd_l1")}
+
+
+@dataclass
+class RunResults:
+    """Everything measured on one run."""
+
+    name: str
+    run_dir: Path
+    config: dict
+    report: RobustnessReport
+    curves: Curves | None = None
+    transfers: list[TransferReport] = field(default_factory=list)
+    cosine: dict | None = None
+    history: list = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# caching
+
+def fingerprint(run_dir: Path) -> str:
+    """SHA-1 of the run's checkpoint (a retrained model invalidates the cache)."""
+    h = hashlib.sha1()
+    with open(Path(run_dir) / "checkpoint.pt", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, key: dict):
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return d["value"] if d.get("key") == key else None
+
+
+def _save_cached(path: Path, key: dict, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of one run
+
+def evaluate_run(run_dir: str | Path, *, attacks="quick", n: int = 1000, batch_size: int = 250,
+                 device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+                 cache: str | Path | None = None, run=None) -> RobustnessReport:
+    """Evaluate the trained run in ``run_dir`` on the first ``n`` test images.
+
+    Args:
+        attacks: a preset name, a list of :class:`~pyens.eval.AttackSpec`, or a callable
+            ``dataset -> list[AttackSpec]`` (the radii depend on the run's dataset).
+        cache: a JSON file: its attacks that still match are reused, and the report is saved
+            there after every attack (default: none).
+        run: the already loaded :class:`~pyens.training.Run` (default: load it).
+    """
+    from pyens.data import load
+    from pyens.training import load_run
+
+    run = run or load_run(run_dir, device)
+    cfg = run.config
+    data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)
+    specs = attacks(cfg.dataset) if callable(attacks) else resolve_attacks(attacks, cfg.dataset)
+    cache = Path(cache) if cache else None
+    meta = dict(method=cfg.method, model=cfg.model, epochs=run.epoch, norms=list(cfg.norms),
+                checkpoint=fingerprint(run.out))
+    resume = None  # earlier results of this checkpoint: the cache, then the run's own eval.json
+    for path in filter(None, [cache, Path(run_dir) / "eval.json"]):
+        if path.exists():
+            saved = RobustnessReport.from_json(path)
+            if saved.meta.get("checkpoint") == meta["checkpoint"]:
+                if resume is None:
+                    resume = saved
+                elif saved.n == resume.n:
+                    have = {a.name for a in resume.attacks}
+                    resume.attacks += [a for a in saved.attacks if a.name not in have]
+
+    def save(rep: RobustnessReport) -> None:
+        if cache is not None:
+            rep.meta.update(meta)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            rep.to_json(cache)
+
+    report = evaluate(run.net, data, attacks=specs, n=n, batch_size=batch_size, device=device,
+                      name=Path(run_dir).name, dataset=cfg.dataset, progress=progress, seed=seed, resume=resume,
+                      on_result=save)
+    report.meta.update(meta)
+    save(report)
+    return report
+
+
+def _from_saved(run_dir: Path) -> RunResults:
+    """A directory with a saved evaluation and no checkpoint: report what it holds."""
+    report = RobustnessReport.from_json(run_dir / "eval.json")
+    report.model = run_dir.name
+    curves = Curves.from_dict(json.loads((run_dir / "curves.json").read_text())) \
+        if (run_dir / "curves.json").exists() else None
+    transfers = [TransferReport.from_dict(t) for t in json.loads((run_dir / "transfer.json").read_text())] \
+        if (run_dir / "transfer.json").exists() else []
+    res = RunResults(run_dir.name, run_dir, {"method": report.meta.get("method", "?"),
+                                             "norms": report.meta.get("norms", [])},
+                     report, curves, transfers, history=read_metrics(run_dir))
+    res.checks = run_checks(report, curves, transfers)
+    return res
+
+
+def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> RunResults:
+    """Evaluation, curves, transfer tables, cosine histograms and sanity checks of one run,
+    cached under ``out/data/<run>/`` (see the module docstring)."""
+    from pyens.data import load
+    from pyens.training import load_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").exists() and (run_dir / "eval.json").exists():
+        return _from_saved(run_dir)
+    name = run_dir.name
+    cache = Path(out) / "data" / name
+    run = load_run(run_dir, settings.device)
+    cfg = run.config
+    data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)
+    fp = fingerprint(run_dir)
+    s = settings
+    seconds = {}
+    t0 = time.perf_counter()
+    report = evaluate_run(run_dir, attacks=s.specs, n=s.n, batch_size=s.batch_size, device=s.device,
+                          progress=s.progress, seed=s.seed, cache=cache / "eval.json", run=run)
+    seconds["evaluation"] = sum(a.seconds for a in report.attacks)
+    res = RunResults(name, run_dir, {"method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
+                                     "norms": list(cfg.norms), "members": cfg.members, "epochs": run.epoch,
+                                     "steps": cfg.steps},
+                     report, history=read_metrics(run_dir))
+    if s.curves:
+        key = {"checkpoint": fp, "pgd": s.pgd(cfg.dataset), "n": s.curves_n or s.n, "seed": s.seed}
+        value = _load_cached(cache / "curves.json", key)
+        t0 = time.perf_counter()
+        if value is None:
+            curves = robustness_curves(run.net, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
+                                       batch_size=s.batch_size, device=s.device, name=name, seed=s.seed,
+                                       progress=s.progress)
+            _save_cached(cache / "curves.json", key, curves.to_dict())
+            seconds["curves"] = time.perf_counter() - t0
+        res.curves = curves if value is None else Curves.from_dict(value)
+    if hasattr(run.net, "member"):
+        label = ENSEMBLE_LABELS.get(cfg.method, name)
+        if s.transfer:
+            key = {"checkpoint": fp, "pgd": s.pgd(cfg.dataset), "n": s.transfer_n or s.n}
+            value = _load_cached(cache / "transfer.json", key)
+            if value is None:
+                t0 = time.perf_counter()
+                reports = transfer_tables(run.net, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
+                                          batch_size=s.batch_size, device=s.device, name=name,
+                                          ensemble_label=label, progress=s.progress)
+                value = [r.to_dict() for r in reports]
+                _save_cached(cache / "transfer.json", key, value)
+                seconds["transfer"] = time.perf_counter() - t0
+            res.transfers = [TransferReport.from_dict(v) for v in value]
+        key = {"checkpoint": fp, "n": min(s.n, 500)}
+        value = _load_cached(cache / "cosine.json", key)
+        if value is None:
+            x, y = labelled(data, key["n"])
+            members = run.members()
+            cos = gradient_cosine([m.to(s.device) for m in members], x.to(s.device), y.to(s.device))
+            value = {"pairs": cos["pairs"], "grad": cos["grad"].tolist(), "sign": cos["sign"].tolist()}
+            _save_cached(cache / "cosine.json", key, value)
+        res.cosine = value
+    res.checks = run_checks(report, res.curves, res.transfers)
+    res.seconds = seconds
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the Markdown report
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _attack_table(results: list[RunResults]) -> str:
+    rows, seen = [], set()
+    for r in results:
+        for a in r.report.attacks:
+            if a.name in seen:
+                continue
+            seen.add(a.name)
+            lib = CATALOGUE[a.key].library if a.key in CATALOGUE else "-"
+            subset = f"first {int(a.attacked.sum())} of {r.report.n}" if a.partial else f"all {r.report.n}"
+            rows.append([a.name, lib, a.kind, describe(a.params), subset, a.note or "paper preset"])
+    return markdown_table(["Attack", "library", "kind", "parameters", "examples", "differences from the paper preset"],
+                          rows)
+
+
+def _seconds_table(results: list[RunResults]) -> str:
+    names = [a.name for a in results[0].report.attacks]
+    body = [[n] + [f"{r.report.result(n).seconds:.0f}" if n in {a.name for a in r.report.attacks} else "-"
+                   for r in results] for n in names]
+    for part in ("curves", "transfer"):
+        if any(part in r.seconds for r in results):
+            body.append([part] + [f"{r.seconds[part]:.0f}" if part in r.seconds else "(cached)" for r in results])
+    return markdown_table(["Wall-clock seconds"] + [r.label for r in results], body)
+
+
+def _checks_table(results: list[RunResults]) -> str:
+    names = [c.name for c in results[0].checks]
+    body = [[n] + [next(c.verdict for c in r.checks if c.name == n) for r in results] for n in names]
+    body.append(["**verdict**"] + [f"**{MASKING}**" if flagged(r.checks) else "no sign of gradient masking"
+                                   for r in results])
+    return markdown_table(["Sanity check"] + [r.label for r in results], body)
+
+
+def _check_details(results: list[RunResults]) -> list[str]:
+    lines = []
+    for r in results:
+        for c in r.checks:
+            status = c.verdict
+            lines.append(f"- **{r.label}**, {c.name}: {status}. {c.detail}.")
+            lines += [f"  - {v}" for v in c.violations]
+    return lines
+
+
+def _runs_table(results: list[RunResults]) -> str:
+    body = []
+    for r in results:
+        c = r.config
+        body.append([r.label, str(c.get("method", "?")), str(c.get("model", "?")), ", ".join(c.get("norms", [])),
+                     str(c.get("members", "-")), str(c.get("epochs", "-")), str(c.get("steps", "-")),
+                     _pct(r.report.accuracies()["Clean accuracy"])])
+    return markdown_table(["Run", "method", "backbone", "training norms (per member)", "M", "epochs",
+                           "train PGD steps", "clean accuracy"], body)
+
+
+def write_markdown(results: list[RunResults], out: Path, settings: Settings, figures: dict, *,
+                   title: str, command: str | None = None) -> Path:
+    n = results[0].report.n
+    lines = [f"# {title}", ""]
+    lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `{command or 'pyens report'}` "
+                 f"(pyens {_version()}, torch {torch.__version__}, {settings.device}, "
+                 f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}).")
+    lines.append("")
+    lines.append(f"Robust accuracy is measured on the first {n} test images; an example counts as robust to an "
+                 "attack if the model classifies it correctly both clean and attacked (and an attack's output only "
+                 "counts if it lies within the radius: linf 0.3, l2 2, l1 10 on MNIST). The \"All\" rows are "
+                 "per-example worst cases (MAT paper, Table 4).")
+    lines += ["", "## Runs", "", _runs_table(results)]
+    lines += ["## Robust accuracy (%), Table 4 layout", "", format_table([r.report for r in results], markdown=True)]
+    if any(a.partial for r in results for a in r.report.attacks):
+        lines.append(f"{PARTIAL} run on a subset of the examples (see the attack table): the attack's own row is its "
+                     "accuracy on that subset; in the union rows an example it did not run on counts as robust to "
+                     "it, so they are upper bounds.")
+        lines.append("")
+    lines += ["## Attacks and their parameters", "",
+              f"Preset `{settings.preset}`. Every difference from the paper's preset is listed in the last column "
+              "(the CPU reductions of this report).", "", _attack_table(results)]
+    lines += ["## Sanity checks (Carlini et al. 2019)", "",
+              "A failed check means the evaluation may overestimate robustness (possible gradient masking).", "",
+              _checks_table(results), *(_check_details(results)), ""]
+    for r in results:
+        if not r.transfers:
+            continue
+        t = r.transfers[0]
+        lines += [f"## Transferability: {r.label} (Tables 1, 2, 9-12)", "",
+                  f"PGD ({t.params.get('steps')} steps, from delta = 0) crafted on each sub-model (rows) and on the "
+                  f"ensemble, misclassified examples out of {t.n} counted on every sub-model and the ensemble "
+                  "(columns): N_ij with r_ij = N_ij / N_ii in parentheses. Sub-model m was trained against "
+                  f"{', '.join(r.config.get('norms', [])) or '?'} (in order). The last row counts clean errors.", ""]
+        for t in r.transfers:
+            lines += [f"**{t.norm}, eps {t.eps:g}**", "", t.table(markdown=True)]
+        lines += ["Sub-model robustness (Table 3), robust accuracy (%) under PGD crafted on the judged model itself:",
+                  "", submodel_table(r.transfers, markdown=True)]
+    lines += ["## Curves", ""]
+    for key, caption in (("curves", "Robust accuracy vs PGD steps (top) and vs radius (bottom), MAT Figs. 2-3"),):
+        if key in figures:
+            lines += [f"{caption} (first {results[0].curves.n if results[0].curves else '?'} test images):", "",
+                      f"![{caption}]({figures[key]})", ""]
+    for r in results:
+        if f"distortion-{r.name}" in figures:
+            lines += [f"Distortion-accuracy curves of {r.label}: for each minimum-norm attack, the share of examples "
+                      "still robust when the allowed distortion is r (dashed: the PGD radius sweep).", "",
+                      f"![distortion-accuracy {r.label}]({figures[f'distortion-{r.name}']})", ""]
+    lines += ["## Training diagnostics", ""]
+    for key, caption in (("cross_gradient", "Cross-gradient ratio per epoch (MAT Fig. 1)"),
+                         ("disagreement", "Steepest-direction disagreement E_1, E_inf per epoch (MAT App. D, Fig. 4)"),
+                         ("cosine", "Cosine similarity of the members' input gradients at the end of training "
+                                    "(DML paper Figs. 9-11)")):
+        if key in figures:
+            lines += [f"{caption}:", "", f"![{caption}]({figures[key]})", ""]
+    timing = _seconds_table(results)
+    lines += ["## Cost", "", "Wall-clock seconds of each measurement on this machine (cached parts were measured "
+              "by an earlier invocation).", "", timing]
+    path = out / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _version() -> str:
+    import pyens
+
+    return pyens.__version__
+
+
+def report_runs(run_dirs, out: str | Path, settings: Settings | None = None, *, title: str | None = None,
+                command: str | None = None) -> Path:
+    """Measure every run (cached) and write ``out/report.md`` with its PNGs; returns its path."""
+    from pyens.eval import plots
+
+    settings = settings or Settings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [measure_run(d, out, settings) for d in run_dirs]
+    figures = {}
+    curves = [r.curves for r in results if r.curves is not None]
+    if curves:
+        figures["curves"] = plots.plot_curves(curves, out / "curves.png").name
+    for r in results:
+        if r.report.attacks:
+            figures[f"distortion-{r.name}"] = plots.plot_distortion(r.report, out / f"distortion-{r.name}.png",
+                                                                    r.curves).name
+    histories = {r.label: r.history for r in results}
+    norms = next((r.config.get("norms") for r in results if r.history and "cross_gradient_ratio" in r.history[-1]),
+                 None)
+    if any("cross_gradient_ratio" in h for r in results for h in r.history):
+        figures["cross_gradient"] = plots.plot_cross_gradient(histories, out / "cross_gradient.png", norms).name
+    if any("steepest_disagreement" in h for r in results for h in r.history):
+        figures["disagreement"] = plots.plot_disagreement(histories, out / "disagreement.png", norms).name
+    cos = {r.label: r.cosine for r in results if r.cosine}
+    if cos:
+        figures["cosine"] = plots.plot_cosine(cos, out / "gradient_cosine.png").name
+    for r in results:
+        (out / "data" / r.name).mkdir(parents=True, exist_ok=True)
+        (out / "data" / r.name / "checks.json").write_text(json.dumps([c.to_dict() for c in r.checks], indent=1))
+    return write_markdown(results, out, settings, figures, title=title or "Robustness report", command=command)
