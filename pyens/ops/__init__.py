@@ -13,6 +13,7 @@ from pyens.ops._backend import (
     use_backend,
 )
 from pyens.ops.lp_step import lp_project, lp_step, steepest_direction
+from pyens.ops.mahalanobis import mahalanobis, mahalanobis_noise, randomized_mahalanobis
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +23,9 @@ __all__ = [
     "build_info",
     "lp_project",
     "lp_step",
+    "mahalanobis",
+    "mahalanobis_noise",
+    "randomized_mahalanobis",
     "steepest_direction",
     "use_backend",
 ]

@@ -1,0 +1,595 @@
+// CPU kernels of the Mahalanobis distance map (DML eq. 2) and its randomized version (eq. 5).
+// The driver (mahalanobis.h) transforms the points with GEMMs, ut[e, :, b] = F_e x_b and
+// v[e, c, :] = F_e c; the kernels here turn those into distances and back into (dut, dv):
+//
+// * N < kGemmMinN (the papers' DMLs, N = 10 or 45): the difference form
+//   sum_n (ut[e, n, b] - v[e, c, n])^2, register-tiled over 32 columns b x 4 centers c and
+//   vectorised over b (the layout [E, N, B] makes b contiguous). No cancellation: x = c
+//   gives exactly sqrt(eps).
+// * N >= kGemmMinN (feature-space DMLs): the expansion ||u||^2 + ||v||^2 - 2 u.v with the
+//   cross term a GEMM (MKL, at::bmm) and a fused epilogue. The expansion cancels when u is
+//   close to v, so every pair with ||u - v||^2 < kClose (||u||^2 + ||v||^2) is recomputed in
+//   the difference form (forward) and kept out of the backward GEMMs (its gradient terms
+//   are added directly); the pairs left to the GEMMs then have a relative error of a few ulp
+//   (docs/mahalanobis.md, "accuracy").
+//
+// Work is spread over ATen's intra-op pool (at::parallel_for, OpenMP); the tile loops are
+// compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones) and the loader picks.
+#include "mahalanobis.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace pyens {
+namespace maha {
+namespace {
+
+#if defined(__GNUC__)
+#define MAHA_INLINE __attribute__((always_inline)) inline
+#else
+#define MAHA_INLINE inline
+#endif
+// Clones of the tile loops (each with its template inlined) for the ISAs the wheel may meet.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MAHA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MAHA_CLONES
+#endif
+
+constexpr int kB = 32;  // columns b per tile: the vectorised dimension
+constexpr int kC = 4;   // centers (forward, dv) or feature rows (dut) per tile
+constexpr int64_t kGemmMinN = 64;  // measured crossover of the two algorithms (docs/mahalanobis.md)
+constexpr double kClose = 0.25;    // pairs closer than this (relative) avoid the expansion
+
+// at::parallel_for with chunks of at least kTaskWork multiply-adds: a small problem runs inline
+// on the calling thread, where an OpenMP region would cost more than it saves (and, on a
+// machine busy with other work, can wait a whole scheduler slice for its second thread).
+constexpr int64_t kTaskWork = int64_t{1} << 17;
+template <typename Fn>
+void parallel(int64_t tasks, int64_t work_per_task, const Fn& fn) {
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work_per_task, 1)), fn);
+}
+
+template <typename T>
+struct Shape {  // ut [E, N, B], v [E, C, N], outputs [B, E, C]
+  int64_t E, C, N, B;
+  explicit Shape(const at::Tensor& ut, const at::Tensor& v)
+      : E(ut.size(0)), C(v.size(1)), N(ut.size(1)), B(ut.size(2)) {}
+  int64_t tiles_b() const { return (B + kB - 1) / kB; }
+  int64_t out(int64_t b, int64_t e, int64_t c) const { return (b * E + e) * C + c; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// difference form
+
+// acc[k][j] = sum_n (u[n * ldu + j] - rows[k][n])^2 for the first `width` columns j.
+template <typename T, bool kFull>
+MAHA_INLINE void diff_tile(const T* __restrict u, int64_t ldu, const T* const* rows, int64_t N, int width,
+                           T (&acc)[kC][kB]) {
+  for (int k = 0; k < kC; ++k)
+    for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
+  const int w = kFull ? kB : width;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* un = u + n * ldu;
+    for (int k = 0; k < kC; ++k) {
+      const T r = rows[k][n];
+#pragma omp simd
+      for (int j = 0; j < w; ++j) {
+        const T z = un[j] - r;
+        acc[k][j] += z * z;
+      }
+    }
+  }
+}
+
+template <typename T>
+struct Pair {  // a close pair of one member (w: its backward weight)
+  int64_t b, c;
+  T w;
+};
+template <typename T>
+using Pairs = std::vector<Pair<T>>;
+
+template <typename T>
+MAHA_INLINE void write_distance(T& o, T sq, T eps, T scale, bool accumulate) {
+  const T r = std::sqrt((sq < T(0) ? T(0) : sq) + eps);  // clamps the expansion; NaN propagates
+  o = accumulate ? o + scale * r : r;
+}
+
+// Distances of the far pairs of tasks (e, b-tile); the close ones go to close[task].
+template <typename T>
+MAHA_INLINE void distance_tiles(const Shape<T>& s, const T* ut, const T* v, const T* nu, const T* nv, T* d,
+                                int64_t begin, int64_t end, T eps, T scale, bool accumulate, Pairs<T>* close) {
+  T acc[kC][kB];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
+    const int nb = static_cast<int>(std::min<int64_t>(kB, s.B - b0));
+    const T* u = ut + e * s.N * s.B + b0;
+    for (int64_t c0 = 0; c0 < s.C; c0 += kC) {
+      const T* rows[kC];  // a short last block repeats its last center; those results are dropped
+      for (int k = 0; k < kC; ++k) rows[k] = v + (e * s.C + std::min(c0 + k, s.C - 1)) * s.N;
+      if (nb == kB)
+        diff_tile<T, true>(u, s.B, rows, s.N, nb, acc);
+      else
+        diff_tile<T, false>(u, s.B, rows, s.N, nb, acc);
+      const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
+      for (int k = 0; k < nc; ++k)
+        for (int j = 0; j < nb; ++j) {
+          const int64_t b = b0 + j, c = c0 + k;
+          if (acc[k][j] < T(kClose) * (nu[e * s.B + b] + nv[e * s.C + c]))
+            close[task].push_back({b, c, T(0)});
+          else
+            write_distance(d[s.out(b, e, c)], acc[k][j], eps, scale, accumulate);
+        }
+    }
+  }
+}
+
+// acc[k][j] = sum_c w[c, j] (u[rows[k], j] - v[c, rows[k]]) for the first `width` columns j.
+template <typename T, bool kFull>
+MAHA_INLINE void dut_tile(const T* __restrict u, const T* __restrict w, const T* __restrict v, const int64_t* rows,
+                          const Shape<T>& s, int width, T (&acc)[kC][kB]) {
+  for (int k = 0; k < kC; ++k)
+    for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
+  const int wd = kFull ? kB : width;
+  for (int64_t c = 0; c < s.C; ++c) {
+    const T* wc = w + c * s.B;
+    const T* vc = v + c * s.N;
+    for (int k = 0; k < kC; ++k) {
+      const T r = vc[rows[k]];
+      const T* un = u + rows[k] * s.B;
+#pragma omp simd
+      for (int j = 0; j < wd; ++j) acc[k][j] += wc[j] * (un[j] - r);
+    }
+  }
+}
+
+// dut[e, n, b] = sum_c w[e, c, b] (ut[e, n, b] - v[e, c, n]), kC feature rows n at a time.
+template <typename T>
+MAHA_INLINE void dut_tiles(const Shape<T>& s, const T* ut, const T* v, const T* w, T* dut, int64_t begin,
+                           int64_t end) {
+  T acc[kC][kB];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
+    const int nb = static_cast<int>(std::min<int64_t>(kB, s.B - b0));
+    const T* u = ut + e * s.N * s.B + b0;
+    const T* we = w + e * s.C * s.B + b0;
+    const T* ve = v + e * s.C * s.N;
+    for (int64_t n0 = 0; n0 < s.N; n0 += kC) {
+      int64_t rows[kC];  // a short last block repeats its last row; those results are dropped
+      for (int k = 0; k < kC; ++k) rows[k] = std::min(n0 + k, s.N - 1);
+      if (nb == kB)
+        dut_tile<T, true>(u, we, ve, rows, s, nb, acc);
+      else
+        dut_tile<T, false>(u, we, ve, rows, s, nb, acc);
+      const int nr = static_cast<int>(std::min<int64_t>(kC, s.N - n0));
+      for (int k = 0; k < nr; ++k)
+        for (int j = 0; j < nb; ++j) dut[(e * s.N + n0 + k) * s.B + b0 + j] = acc[k][j];
+    }
+  }
+}
+
+// dv[e, c, n] = -sum_b w[e, c, b] (ut[e, n, b] - v[e, c, n]), kC centers at a time, vectorised
+// over n: u is ut transposed to [E, B, Np] and vp is v, both zero-padded to Np (a multiple of
+// kNPad, at most kMaxNp), so the sum over b needs no horizontal reductions.
+constexpr int kNPad = 16, kMaxNp = 64;
+static_assert(kGemmMinN <= kMaxNp, "the difference-form dv holds a padded row of N < kGemmMinN");
+template <typename T, int kNp>
+MAHA_INLINE void dv_tiles(const Shape<T>& s, const T* u, const T* vp, const T* w, T* dv, int64_t begin,
+                          int64_t end) {
+  const int64_t tiles_c = (s.C + kC - 1) / kC;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t e = task / tiles_c, c0 = (task % tiles_c) * kC;
+    const T* wr[kC];
+    const T* vr[kC];
+    for (int k = 0; k < kC; ++k) {
+      const int64_t c = std::min(c0 + k, s.C - 1);
+      wr[k] = w + (e * s.C + c) * s.B;
+      vr[k] = vp + (e * s.C + c) * kNp;
+    }
+    T acc[kC][kNp] = {};
+    for (int64_t b = 0; b < s.B; ++b) {
+      const T* ub = u + (e * s.B + b) * kNp;
+      for (int k = 0; k < kC; ++k) {
+        const T wv = wr[k][b];
+#pragma omp simd
+        for (int n = 0; n < kNp; ++n) acc[k][n] += wv * (ub[n] - vr[k][n]);
+      }
+    }
+    const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
+    for (int k = 0; k < nc; ++k)
+      for (int64_t n = 0; n < s.N; ++n) dv[(e * s.C + c0 + k) * s.N + n] = -acc[k][n];
+  }
+}
+
+template <typename T>
+MAHA_INLINE void dv_tiles_any(const Shape<T>& s, const T* u, const T* vp, int64_t Np, const T* w, T* dv,
+                              int64_t begin, int64_t end) {
+  switch (Np) {
+    case 16: return dv_tiles<T, 16>(s, u, vp, w, dv, begin, end);
+    case 32: return dv_tiles<T, 32>(s, u, vp, w, dv, begin, end);
+    case 48: return dv_tiles<T, 48>(s, u, vp, w, dv, begin, end);
+    default: return dv_tiles<T, 64>(s, u, vp, w, dv, begin, end);
+  }
+}
+
+// target_clones cannot decorate a template: one macro stamps out the float and double entries.
+#define MAHA_ENTRIES(T)                                                                             \
+  MAHA_CLONES void distance_range(const Shape<T>& s, const T* ut, const T* v, const T* nu,          \
+                                  const T* nv, T* d, int64_t begin, int64_t end, T eps, T scale,    \
+                                  bool accumulate, Pairs<T>* close) {                               \
+    distance_tiles<T>(s, ut, v, nu, nv, d, begin, end, eps, scale, accumulate, close);              \
+  }                                                                                                 \
+  MAHA_CLONES void dut_range(const Shape<T>& s, const T* ut, const T* v, const T* w, T* dut,        \
+                             int64_t begin, int64_t end) {                                          \
+    dut_tiles<T>(s, ut, v, w, dut, begin, end);                                                     \
+  }                                                                                                 \
+  MAHA_CLONES void dv_range(const Shape<T>& s, const T* u, const T* vp, int64_t Np, const T* w,     \
+                            T* dv, int64_t begin, int64_t end) {                                    \
+    dv_tiles_any<T>(s, u, vp, Np, w, dv, begin, end);                                               \
+  }
+MAHA_ENTRIES(float)
+MAHA_ENTRIES(double)
+#undef MAHA_ENTRIES
+
+// ---------------------------------------------------------------------------------------------
+// close pairs: recomputed from the difference, y = F_e (x_b - c)
+
+// nu[e, b] = ||ut[e, :, b]||^2 (vectorised over b) and nv[e, c] = ||v[e, c, :]||^2.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> squared_norms(const Shape<T>& s, const at::Tensor& ut, const at::Tensor& v) {
+  at::Tensor nu = at::empty({s.E, s.B}, ut.options()), nv = at::empty({s.E, s.C}, ut.options());
+  const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+  T *nup = nu.mutable_data_ptr<T>(), *nvp = nv.mutable_data_ptr<T>();
+  parallel(s.E * s.tiles_b(), kB * s.N, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
+      const int64_t nb = std::min<int64_t>(kB, s.B - b0);
+      T acc[kB] = {};
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* un = up + (e * s.N + n) * s.B + b0;
+        for (int64_t j = 0; j < nb; ++j) acc[j] += un[j] * un[j];
+      }
+      std::copy(acc, acc + nb, nup + e * s.B + b0);
+    }
+  });
+  parallel(s.E * s.C, s.N, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T acc = T(0);
+      for (int64_t n = 0; n < s.N; ++n) acc += vp[r * s.N + n] * vp[r * s.N + n];
+      nvp[r] = acc;
+    }
+  });
+  return {nu, nv};
+}
+
+// Per-task lists regrouped by member (task t belongs to member t / per_member).
+template <typename T>
+std::vector<Pairs<T>> by_member(int64_t E, int64_t per_member, std::vector<Pairs<T>>& tasks) {
+  std::vector<Pairs<T>> out(E);
+  for (size_t t = 0; t < tasks.size(); ++t)
+    out[t / per_member].insert(out[t / per_member].end(), tasks[t].begin(), tasks[t].end());
+  return out;
+}
+
+// From this many multiply-adds (K N^2) on, a member's close pairs go through one GEMM.
+constexpr int64_t kRefineGemm = int64_t{1} << 20;
+
+// y [K, N]: y_k = F_e (x_b - c) for the close pairs of member e.
+template <typename T>
+at::Tensor exact_rows(const Shape<T>& s, const Points& p, int64_t e, const Pairs<T>& pairs) {
+  const int64_t K = static_cast<int64_t>(pairs.size()), N = s.N;
+  const T *xp = p.x.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
+  const bool member_x = p.x.dim() == 3;
+  at::Tensor z = at::empty({K, N}, p.x.options());
+  T* zp = z.mutable_data_ptr<T>();
+  parallel(K, N, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const T* xb = xp + (member_x ? pairs[k].b * s.E + e : pairs[k].b) * N;
+      const T* cc = cp + (e * s.C + pairs[k].c) * N;
+      for (int64_t n = 0; n < N; ++n) zp[k * N + n] = xb[n] - cc[n];
+    }
+  });
+  if (p.diag) return z * p.F[e];
+  if (K * N * N >= kRefineGemm) return at::mm(z, p.F[e].t());
+  at::Tensor y = at::empty({K, N}, p.x.options());
+  const T* Fe = p.F.const_data_ptr<T>() + e * N * N;
+  T* yp = y.mutable_data_ptr<T>();
+  parallel(K, N * N, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t i = 0; i < N; ++i) {
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < N; ++j) acc += Fe[i * N + j] * zp[k * N + j];
+        yp[k * N + i] = acc;
+      }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the distances
+
+// Expansion ||u||^2 + ||v||^2 - 2 u.v with the cross term from one GEMM; rows (e, c) are tasks.
+template <typename T>
+void expanded_distances(const Shape<T>& s, const at::Tensor& ut, const at::Tensor& v, const T* nu, const T* nv,
+                        T* d, T eps, T scale, bool accumulate, std::vector<Pairs<T>>& close) {
+  const at::Tensor cross = at::bmm(v, ut);  // [E, C, B]
+  const T* xp = cross.const_data_ptr<T>();
+  parallel(s.E * s.C, s.B, [&](int64_t begin, int64_t end) {
+    std::vector<T> sq(s.B);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t e = row / s.C, c = row % s.C;
+      const T* cr = xp + row * s.B;
+      const T* nue = nu + e * s.B;
+      const T nvc = nv[row];
+#pragma omp simd
+      for (int64_t b = 0; b < s.B; ++b) sq[b] = nue[b] + nvc - T(2) * cr[b];
+      for (int64_t b = 0; b < s.B; ++b) {
+        if (sq[b] < T(kClose) * (nue[b] + nvc))
+          close[row].push_back({b, c, T(0)});
+        else
+          write_distance(d[s.out(b, e, c)], sq[b], eps, scale, accumulate);
+      }
+    }
+  });
+}
+
+template <typename T>
+void distances_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p, at::Tensor& d, double eps0,
+                     double scale0, bool accumulate) {
+  const Shape<T> s(ut, v);
+  const T eps = T(eps0), scale = T(scale0);
+  const std::pair<at::Tensor, at::Tensor> norms = squared_norms<T>(s, ut, v);
+  const at::Tensor &nu = norms.first, &nv = norms.second;
+  const T *nup = nu.const_data_ptr<T>(), *nvp = nv.const_data_ptr<T>();
+  T* dp = d.mutable_data_ptr<T>();
+  std::vector<Pairs<T>> close;
+  int64_t per_member;
+  if (s.N >= kGemmMinN) {
+    per_member = s.C;
+    close.resize(s.E * per_member);
+    expanded_distances<T>(s, ut, v, nup, nvp, dp, eps, scale, accumulate, close);
+  } else {
+    per_member = s.tiles_b();
+    close.resize(s.E * per_member);
+    const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+    parallel(s.E * per_member, kB * s.C * s.N, [&](int64_t begin, int64_t end) {
+      distance_range(s, up, vp, nup, nvp, dp, begin, end, eps, scale, accumulate, close.data());
+    });
+  }
+  const auto members = by_member<T>(s.E, per_member, close);
+  for (int64_t e = 0; e < s.E; ++e) {
+    if (members[e].empty()) continue;
+    const at::Tensor y = exact_rows<T>(s, p, e, members[e]);
+    const T* yp = y.const_data_ptr<T>();
+    for (size_t k = 0; k < members[e].size(); ++k) {
+      T sq = T(0);
+      for (int64_t n = 0; n < s.N; ++n) sq += yp[k * s.N + n] * yp[k * s.N + n];
+      write_distance(dp[s.out(members[e][k].b, e, members[e][k].c)], sq, eps, scale, accumulate);
+    }
+  }
+}
+
+void distances_cpu(const at::Tensor& ut, const at::Tensor& v, const Points& p, at::Tensor& d, double eps,
+                   double scale, bool accumulate) {
+  AT_DISPATCH_FLOATING_TYPES(ut.scalar_type(), "mahalanobis_distances_cpu",
+                             [&] { distances_typed<scalar_t>(ut, v, p, d, eps, scale, accumulate); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// the backward
+
+// w[e, c, b] = scale * grad / d (0 where d = 0), transposed from [B, E, C] to [E, C, B]: the
+// division runs over contiguous (e, c), the transposition through a 32-column tile in L1.
+template <typename T>
+at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& d, T scale) {
+  at::Tensor w = at::empty({s.E, s.C, s.B}, grad.options());
+  const T *gp = grad.const_data_ptr<T>(), *dp = d.const_data_ptr<T>();
+  T* wp = w.mutable_data_ptr<T>();
+  const int64_t EC = s.E * s.C;
+  parallel(s.tiles_b(), kB * EC, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(EC * kB);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
+      for (int64_t j = 0; j < nb; ++j) {
+        const T* g = gp + (b0 + j) * EC;
+        const T* dd = dp + (b0 + j) * EC;
+        T* row = tile.data() + j * EC;
+        // Two branch-free loops (a guarded division does not vectorise).
+        for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
+        for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
+      }
+      for (int64_t i = 0; i < EC; ++i)
+        for (int64_t j = 0; j < nb; ++j) wp[i * s.B + b0 + j] = tile[j * EC + i];
+    }
+  });
+  return w;
+}
+
+// Moves the close pairs (judged from d^2, which stands for ||u - v||^2 + eps) out of w, with
+// their weights, into per-member lists.
+template <typename T>
+std::vector<Pairs<T>> split_close(const Shape<T>& s, at::Tensor& w, const at::Tensor& d, const T* nu,
+                                  const T* nv) {
+  std::vector<Pairs<T>> rows(s.E * s.C);
+  const T* dp = d.const_data_ptr<T>();
+  T* wp = w.mutable_data_ptr<T>();
+  parallel(s.E * s.C, s.B, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t e = row / s.C, c = row % s.C;
+      for (int64_t b = 0; b < s.B; ++b) {
+        const T dd = dp[s.out(b, e, c)];
+        if (dd * dd < T(kClose) * (nu[e * s.B + b] + nv[row])) {
+          T& wv = wp[row * s.B + b];
+          if (wv != T(0)) rows[row].push_back({b, c, wv});
+          wv = T(0);
+        }
+      }
+    }
+  });
+  return by_member<T>(s.E, s.C, rows);
+}
+
+template <typename T>
+void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p, const at::Tensor& grad,
+                              const at::Tensor& d, double scale, at::Tensor& dut, at::Tensor& dv) {
+  const Shape<T> s(ut, v);
+  at::Tensor w = weights<T>(s, grad, d, T(scale));
+  const std::pair<at::Tensor, at::Tensor> norms = squared_norms<T>(s, ut, v);
+  const at::Tensor &nu = norms.first, &nv = norms.second;
+  const auto members = split_close<T>(s, w, d, nu.const_data_ptr<T>(), nv.const_data_ptr<T>());
+  // The far pairs in the transformed space.
+  if (s.N >= kGemmMinN) {
+    // GEMMs: dut = ut * rowsum(w) - v^T w, dv = v * colsum(w) - w ut^T.
+    if (dut.defined()) at::baddbmm_out(dut, ut * w.sum(1, true), v.transpose(1, 2), w, 1, -1);
+    if (dv.defined()) at::baddbmm_out(dv, v * w.sum(2, true), w, ut.transpose(1, 2), 1, -1);
+  } else {
+    const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>(), *wp = w.const_data_ptr<T>();
+    if (dut.defined()) {
+      T* out = dut.mutable_data_ptr<T>();
+      parallel(s.E * s.tiles_b(), kB * s.C * s.N,
+               [&](int64_t begin, int64_t end) { dut_range(s, up, vp, wp, out, begin, end); });
+    }
+    if (dv.defined()) {
+      // ut as [E, B, Np] and v as [E, C, Np], zero-padded: the padding adds 0 to the dropped columns.
+      const int64_t Np = (s.N + kNPad - 1) / kNPad * kNPad;
+      const at::Tensor u = at::constant_pad_nd(ut.transpose(1, 2), {0, Np - s.N}).contiguous();
+      const at::Tensor vpad = at::constant_pad_nd(v, {0, Np - s.N}).contiguous();
+      const T *ubp = u.const_data_ptr<T>(), *vpp = vpad.const_data_ptr<T>();
+      T* out = dv.mutable_data_ptr<T>();
+      parallel(s.E * ((s.C + kC - 1) / kC), kC * s.B * Np,
+               [&](int64_t begin, int64_t end) { dv_range(s, ubp, vpp, Np, wp, out, begin, end); });
+    }
+  }
+  // The close pairs from the difference, r = w F (x_b - c).
+  T* dup = dut.defined() ? dut.mutable_data_ptr<T>() : nullptr;
+  T* dvp = dv.defined() ? dv.mutable_data_ptr<T>() : nullptr;
+  for (int64_t e = 0; e < s.E; ++e) {
+    if (members[e].empty()) continue;
+    const at::Tensor y = exact_rows<T>(s, p, e, members[e]);
+    const T* yp = y.const_data_ptr<T>();
+    for (size_t k = 0; k < members[e].size(); ++k) {
+      const auto& [b, c, wv] = members[e][k];
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T r = wv * yp[k * s.N + n];
+        if (dup) dup[(e * s.N + n) * s.B + b] += r;
+        if (dvp) dvp[(e * s.C + c) * s.N + n] -= r;
+      }
+    }
+  }
+}
+
+void distances_backward_cpu(const at::Tensor& ut, const at::Tensor& v, const Points& p, const at::Tensor& grad,
+                            const at::Tensor& d, double scale, at::Tensor& dut, at::Tensor& dv) {
+  AT_DISPATCH_FLOATING_TYPES(ut.scalar_type(), "mahalanobis_distances_backward_cpu", [&] {
+    distances_backward_typed<scalar_t>(ut, v, p, grad, d, scale, dut, dv);
+  });
+}
+
+// f(i, z) for the flat noise indices i in [begin, end) (counter q covers 4q .. 4q + 3).
+template <typename Fn>
+void for_each_normal(uint64_t seed, int64_t begin, int64_t end, Fn&& f) {
+  for (int64_t q = begin >> 2; q <= (end - 1) >> 2; ++q) {
+    float z[4];
+    normal4(seed, static_cast<uint64_t>(q), z);
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = 4 * q + l;
+      if (i >= begin && i < end) f(i, z[l]);
+    }
+  }
+}
+
+void perturb_cpu(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at::Tensor& out) {
+  const int64_t M = F.numel(), base = t * M;
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "mahalanobis_perturb_cpu", [&] {
+    const scalar_t* fp = F.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t sg = static_cast<scalar_t>(sigma);
+    parallel(M, 32, [&](int64_t begin, int64_t end) {
+      for_each_normal(static_cast<uint64_t>(seed), base + begin, base + end, [&](int64_t i, float z) {
+        op[i - base] = fp[i - base] + sg * static_cast<scalar_t>(z);
+      });
+    });
+  });
+}
+
+const Kernels kCpu{&distances_cpu, &distances_backward_cpu, &perturb_cpu};
+
+void check_cpu(const char* fn, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), fn, " (cpu): x must be a CPU tensor, got ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& P,
+                                                       const at::Tensor& c, int64_t form, double eps) {
+  check_cpu("mahalanobis", x);
+  return forward(kCpu, x, P, c, form, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& P, const at::Tensor& c,
+                                                       const at::Tensor& d, const at::Tensor& ut,
+                                                       const at::Tensor& v, int64_t form, double eps,
+                                                       std::array<bool, 3> needs) {
+  check_cpu("mahalanobis_backward", x);
+  return backward(kCpu, grad, x, P, c, d, ut, v, form, eps, needs);
+}
+
+at::Tensor rfwd_cpu(const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
+                    const std::optional<at::Tensor>& noise, int64_t seed, int64_t samples, double sigma,
+                    int64_t form, double eps) {
+  check_cpu("randomized_mahalanobis", x);
+  return randomized_forward(kCpu, x, P, c, noise, seed, samples, sigma, form, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rbwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                        const at::Tensor& P, const at::Tensor& c,
+                                                        const std::optional<at::Tensor>& noise, int64_t seed,
+                                                        int64_t samples, double sigma, int64_t form, double eps,
+                                                        std::array<bool, 3> needs) {
+  check_cpu("randomized_mahalanobis_backward", x);
+  return randomized_backward(kCpu, grad, x, P, c, noise, seed, samples, sigma, form, eps, needs);
+}
+
+at::Tensor noise_cpu(const at::Tensor& like, int64_t seed, at::IntArrayRef shape) {
+  TORCH_CHECK(seed >= 0, "mahalanobis_noise: seed must be >= 0, got ", seed);
+  at::Tensor out = at::empty(shape, like.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  parallel(out.numel(), 32, [&](int64_t begin, int64_t end) {
+    for_each_normal(static_cast<uint64_t>(seed), begin, end, [&](int64_t i, float z) { op[i] = z; });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyens_C, m) {
+  m.def("mahalanobis_fwd(Tensor x, Tensor P, Tensor centers, int form, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "mahalanobis_bwd(Tensor grad, Tensor x, Tensor P, Tensor centers, Tensor d, Tensor ut, Tensor v, "
+      "int form, float eps, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rmahalanobis_fwd(Tensor x, Tensor P, Tensor centers, Tensor? noise, int seed, int samples, "
+      "float sigma, int form, float eps) -> Tensor");
+  m.def(
+      "rmahalanobis_bwd(Tensor grad, Tensor x, Tensor P, Tensor centers, Tensor? noise, int seed, "
+      "int samples, float sigma, int form, float eps, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+  m.def("mahalanobis_noise(Tensor like, int seed, int[] shape) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyens_C, CPU, m) {
+  m.impl("mahalanobis_fwd", &fwd_cpu);
+  m.impl("mahalanobis_bwd", &bwd_cpu);
+  m.impl("rmahalanobis_fwd", &rfwd_cpu);
+  m.impl("rmahalanobis_bwd", &rbwd_cpu);
+  m.impl("mahalanobis_noise", &noise_cpu);
+}
+
+}  // namespace maha
+}  // namespace pyens
