@@ -20,7 +20,8 @@ Diversity comes from three choices made at construction (Sec. 3.1-3.3, Sec. 5):
 
 The members are separate modules (:class:`DMLMember`) of a :class:`pyens.nn.Ensemble`, so
 training, pass counting and transfer attacks treat a DML ensemble as any vanilla ensemble.
-Each member's DML is one call of the fused op; at LeNet size the backbones cost ~20x more.
+Each member's DML is one call of the fused op; a LeNet backbone's forward and backward cost
+two orders of magnitude more (measured: 1 ms vs 150 ms for 250 MNIST images on one core).
 """
 from __future__ import annotations
 
