@@ -260,19 +260,26 @@ def paired_ratios(a: dict, b: dict) -> list[float]:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets on ``rows``: wall-time ratio of medians (what is judged), the
-    round-by-round ratios' quartiles, and the same ratio in process CPU time (CPU device)."""
+    """The issue's targets on ``rows``.
+
+    Judged on the median of the round-by-round wall-time ratios: the two methods of a pair ran
+    seconds apart in every round, so a load that drifts over the run cancels in each ratio
+    (the ratio of the two medians does not pair them, and is shown beside it). On the CPU
+    the same paired median in process CPU time is a second, steadier reading.
+    """
     have = by_method(rows)
     out = []
     for label, num, den, op, bound in TARGETS:
         if num not in have or den not in have:
             continue
         a, b = have[num], have[den]
-        ratio = a["ms_per_batch"] / b["ms_per_batch"]
-        q1, _, q3 = quartiles(paired_ratios(a, b))
-        cpu = a["cpu_ms_per_batch"] / b["cpu_ms_per_batch"] if a.get("cpu_ms_per_batch") else None
-        met = ratio <= bound if op == "<=" else ratio >= bound
-        out.append({"target": label, "ratio": ratio, "paired_q1": q1, "paired_q3": q3, "cpu_ratio": cpu,
+        q1, med, q3 = quartiles(paired_ratios(a, b))
+        cpu = None
+        if a.get("cpu_ms_rounds") and b.get("cpu_ms_rounds"):
+            cpu = quartiles([x / y for x, y in zip(a["cpu_ms_rounds"], b["cpu_ms_rounds"])])[1]
+        met = med <= bound if op == "<=" else med >= bound
+        out.append({"target": label, "ratio": med, "paired_q1": q1, "paired_q3": q3,
+                    "ratio_of_medians": a["ms_per_batch"] / b["ms_per_batch"], "cpu_ratio": cpu,
                     "bound": bound, "op": op, "met": met})
     return out
 
@@ -292,7 +299,8 @@ def _formula(text: str, value: int) -> str:
 def setting(r: dict) -> str:
     """One line naming the setting of a row (K, M, backbone, B, device)."""
     return (f"K = {r['steps']}, M = {r['members']}, `{r['backbone']}` on MNIST 1×28×28, B = {r['batch_size']}, "
-            f"Adam; {r['device']} ({r['device_name']}, {r['threads']} threads), torch {r['torch']}, "
+            f"Adam; {r['device']} ({r['device_name']}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}), "
+            f"torch {r['torch']}, "
             f"commit {str(r['commit'])[:9]}{' + local edits' if r.get('dirty') else ''}")
 
 
@@ -340,11 +348,12 @@ def markdown(rows: list[dict], *, heading: str = "##", beside: tuple[list[dict],
     for run in runs:
         for x in targets(run):
             body.append([x["target"], run[0]["device"], f"{x['ratio']:.2f}×",
-                         f"{x['paired_q1']:.2f}–{x['paired_q3']:.2f}",
+                         f"{x['paired_q1']:.2f}–{x['paired_q3']:.2f}", f"{x['ratio_of_medians']:.2f}×",
                          "-" if x["cpu_ratio"] is None else f"{x['cpu_ratio']:.2f}×", "yes" if x["met"] else "**no**"])
     if body:
-        out += ["", table(["target (on wall time)", "device", "measured: ratio of medians", "per-round ratios (IQR)",
-                           "in CPU time", "met"], body, right={2, 3, 4})]
+        out += ["", table(["target", "device", "wall time: median of per-round ratios (judged)", "IQR",
+                           "ratio of the medians", "CPU time: median of per-round ratios", "met"], body,
+                          right={2, 3, 4, 5})]
     if rows[0].get("profile_ms"):
         out += ["", breakdown(rows)]
     return "\n".join(out) + "\n"

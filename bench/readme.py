@@ -119,7 +119,7 @@ def chart(cases: list[dict], device: str, path: Path) -> Path:
     ax.axvline(1.0, color="black", lw=0.8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2f}×", va="center", fontsize=6)
-    ax.set_xlabel("speedup over the baseline of the same benchmark (baseline median / pyens median; log scale)")
+    ax.set_xlabel("speedup = baseline median / pyens median (log scale)")
     ax.set_title(f"pyens kernels vs the eager baseline ({device})", fontsize=9)
     ax.set_xlim(right=max(values + [1.0]) * 3)
     fig.tight_layout()
@@ -172,13 +172,16 @@ def section(results: Path = RESULTS, root: Path = ROOT, charts: bool = True) -> 
            "`bench/bench_*.py`, the cost table (`python -m bench.cost_table`) and the training-time table "
            "(`python -m bench.train_time`), writes `bench/results/<device>-<date>-*.json`, and rewrites this "
            "block from the newest result of each device. `python -m bench.compare A.json B.json` prints the "
-           "ratios between two runs."), ""]
+           "ratios between two runs. What the tables mean, the targets and why one is missed: "
+           "[docs/performance.md](docs/performance.md)."), ""]
     out += kernel_section(results, root, charts)
     costs = latest_tables(results, "cost-table")
     if costs:
         (path, rows), *others = costs.values()
         out += [cost_table.markdown(rows, heading="###", beside=tuple(r for _, r in others)).rstrip(),
-                "", "Rows: " + ", ".join(f"`{_rel(p, root)}`" for p, _ in costs.values()) + ".", ""]
+                "", "Rows: " + ", ".join(f"`{_rel(p, root)}`" for p, _ in costs.values()) + "."
+                + ("" if "cuda" in costs else " No GPU run yet: `python -m bench --device cuda` on a GPU machine "
+                   "adds its times beside these."), ""]
     for path, rows in latest_tables(results, "train-time").values():
         out += [train_time.markdown(rows, heading="###").rstrip(), "", f"Rows: `{_rel(path, root)}`.", ""]
     out.append(END)
@@ -193,7 +196,7 @@ def splice(text: str, block: str) -> str:
         return text[:a] + block + text[b:]
     m = re.search(r"^## Performance\b.*?$", text, re.MULTILINE)
     if m is None:
-        return text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+        return (text.rstrip("\n") + "\n\n" if text.strip() else "") + "## Performance\n\n" + block + "\n"
     nxt = re.search(r"^## ", text[m.end():], re.MULTILINE)
     at = m.end() + nxt.start() if nxt else len(text)
     return text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:]

@@ -132,7 +132,7 @@ def markdown(rows: list[dict], *, heading: str = "##") -> str:
         line(f"*extrapolated*: epoch of the {EMBEDDED_TRAIN:,} embedded images",
              lambda r: duration(r["extrapolated_epoch_s_embedded"])),
         line(f"*extrapolated*: epoch of full MNIST ({MNIST_TRAIN:,})", lambda r: duration(r["extrapolated_epoch_s_mnist60k"])),
-        line(f"*extrapolated*: paper's schedule ({PAPER_EPOCHS} epochs × {MNIST_TRAIN:,})",
+        line(f"*extrapolated*: paper's schedule ({PAPER_EPOCHS} epochs × {MNIST_TRAIN:,}) at K = {r0['steps']}",
              lambda r: duration(r["extrapolated_paper_schedule_s"])),
         line("paper, MNIST (ResNet-18, K = 100)", lambda r: duration(r["paper_mnist_s"])),
         line("paper, MNIST: × AT",
