@@ -5,36 +5,23 @@ from torch import nn
 
 from pyens.eval import CATALOGUE, AttackSpec, catalogue, evaluate, lp_norm, targets
 from pyens.eval.catalogue import MINIMUM_NORM, preset_params
+from tests.eval_helpers import linear, one_thread  # noqa: F401 (autouse fixture)
 
 # Cheap parameters for each catalogue attack (the tiny model is not robust; they still work).
 TINY = {
     "pgd_linf": dict(steps=5, alpha=0.1), "pgd_l2": dict(steps=5, alpha=0.5), "pgd_l1": dict(steps=5, alpha=3.0),
     "msd": dict(steps=5, alpha=(0.1, 0.5, 3.0)),
     "hsj": dict(steps=2, initial_gradient_eval_steps=10, max_gradient_eval_steps=20),
-    "cw_l2": dict(c=(10.0,), steps=20), "boundary": dict(steps=50),
+    "cw_l2": dict(binary_search_steps=2, steps=20), "boundary": dict(steps=50),
     "salt_pepper": dict(steps=50), "ead_l1": dict(binary_search_steps=2, steps=30, initial_const=1.0),
     "autoattack_linf": {}, "autoattack_l2": {},
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (OpenMP barriers on a loaded 2-core machine cost ~100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _linear(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """A linear classifier on 1x8x8 inputs and 8 inputs it classifies as their labels."""
-    model = _linear()
+    model = linear()
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -138,7 +125,7 @@ def test_evaluate_attacks_ensembles_through_their_average_and_dml_through_the_su
             logits = self.net(z)
             return nn.functional.one_hot(logits.argmax(1), 10).float() + 0 * logits  # zero gradient
 
-    vote = Vote(_linear())
+    vote = Vote(linear())
     with torch.no_grad():
         yv = vote(x).argmax(1)
     predict, attack = targets(vote)

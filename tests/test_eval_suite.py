@@ -14,20 +14,7 @@ from pyens.eval.curves import distortion_curve, robustness_curves
 from pyens.eval.diagnostics import gradient_cosine, steepest_disagreement
 from pyens.eval.sanity import flagged, run_checks
 from pyens.eval.transfer import TransferReport, members_of, submodel_table, transfer_matrix
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread (OpenMP barriers on a loaded 2-core machine cost ~100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _linear(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+from tests.eval_helpers import linear, one_thread  # noqa: F401 (autouse fixture)
 
 
 def _pgd(steps):
@@ -54,7 +41,7 @@ def data():
     torch.manual_seed(0)
     x = torch.rand(24, 1, 8, 8)
     with torch.no_grad():
-        y = _linear()(x).argmax(1)
+        y = linear()(x).argmax(1)
     return x, y
 
 
@@ -62,8 +49,8 @@ def test_transfer_counts_on_an_ensemble_with_a_known_answer(data):
     from pyens.nn import Ensemble
 
     x, y = data
-    a = _linear()
-    b = _linear()  # identical to a: every attack transfers perfectly between them
+    a = linear()
+    b = linear()  # identical to a: every attack transfers perfectly between them
     c = Constant(int(y[0]))  # right exactly on the examples of class y[0], whatever the input
     ens = Ensemble([a, b, c], num_classes=10).eval()
     r = transfer_matrix(ens, (x, y), norm="linf", eps=0.3, alpha=0.1, steps=5, n=24, batch_size=10, progress=False)
@@ -132,11 +119,11 @@ def test_steepest_disagreement_is_zero_without_cross_gradients_and_positive_with
 
 def test_gradient_cosine_of_identical_and_opposite_members(data):
     x, y = data
-    a = _linear()
-    neg = _linear()
+    a = linear()
+    neg = linear()
     with torch.no_grad():
         neg[1].weight.neg_()
-    cos = gradient_cosine([a, _linear(), neg], x, y)
+    cos = gradient_cosine([a, linear(), neg], x, y)
     assert cos["pairs"] == [(0, 1), (0, 2), (1, 2)]
     assert torch.allclose(cos["grad"][0], torch.ones(24)) and torch.allclose(cos["sign"][0], torch.ones(24))
     assert cos["grad"].shape == (3, 24)
@@ -156,7 +143,7 @@ class Quantized(nn.Module):
 @pytest.mark.parametrize("masked", [False, True])
 def test_sanity_checks_fire_on_a_gradient_masked_model_and_stay_quiet_on_a_plain_one(data, masked):
     x, y = data
-    net = _linear()
+    net = linear()
     model = Quantized(net) if masked else net
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -192,19 +179,19 @@ def test_curves_and_plots_are_written(tmp_path, data):
     from pyens.eval import plots
 
     x, y = data
-    model = _linear()
+    model = linear()
     curves = robustness_curves(model, (x, y), pgd=_pgd(5), n=16, progress=False, checkpoints=(1, 5),
                                fractions=(0.0, 1.0))
     assert curves.steps["l2"]["steps"] == [1, 5] and len(curves.radius["l1"]["accuracy"]) == 2
     assert curves.radius["linf"]["accuracy"][0] == curves.clean == 1.0
     specs = catalogue("quick", "mnist", only=["pgd_l2", "cw_l2"],
-                      params={"pgd_l2": dict(steps=5, alpha=0.5), "cw_l2": dict(c=(10.0,), steps=20)})
+                      params={"pgd_l2": dict(steps=5, alpha=0.5), "cw_l2": dict(binary_search_steps=2, steps=20)})
     rep = evaluate(model, (x, y), attacks=specs, n=16, progress=False)
     radii, acc = distortion_curve(rep, specs[1].name)
     assert acc[0] == 1.0 and acc == sorted(acc, reverse=True)
     hist = {"mat": [{"epoch": e, "cross_gradient_ratio": [1 / e, 2 / e],
                      "steepest_disagreement": {"l1": [0.01, 0.02], "linf": [0.3 / e, 0.2]}} for e in (1, 2, 3)]}
-    cos = gradient_cosine([model, _linear(1)], x, y)
+    cos = gradient_cosine([model, linear(1)], x, y)
     paths = [plots.plot_curves([curves], tmp_path / "c.png"), plots.plot_distortion(rep, tmp_path / "d.png", curves),
              plots.plot_cross_gradient(hist, tmp_path / "x.png", ["l1", "l2"]),
              plots.plot_disagreement(hist, tmp_path / "e.png"), plots.plot_cosine({"m": cos}, tmp_path / "h.png")]

@@ -11,7 +11,7 @@ key                group  kind        implementation (used as it is; adapters on
 pgd_linf/l2/l1     norm   white-box   :class:`pyens.attacks.PGD` (fused lp step)
 hsj                linf   black-box   foolbox ``HopSkipJumpAttack`` (linf constraint)
 autoattack_linf    linf   white-box   torchattacks ``AutoAttack`` (standard version)
-cw_l2              l2     white-box   torchattacks ``CW``, once per constant c
+cw_l2              l2     white-box   foolbox ``L2CarliniWagnerAttack`` (binary search on c)
 boundary           l2     black-box   foolbox ``BoundaryAttack``
 autoattack_l2      l2     white-box   torchattacks ``AutoAttack`` (standard version)
 salt_pepper        l1     black-box   foolbox ``SaltAndPepperNoiseAttack``
@@ -131,7 +131,14 @@ class TorchattacksAttack:
 class CWLadder:
     """Carlini-Wagner l2 (torchattacks ``CW``, as it is) run once per constant ``c``; per
     example the smallest-l2 adversarial example over the runs is kept. torchattacks' CW
-    takes one fixed ``c``; the ladder stands in for the original's binary search over c."""
+    takes one fixed ``c``; the ladder stands in for the original's binary search over c.
+
+    Not the catalogue's CW: torchattacks' CW stops the whole batch as soon as the batch-summed
+    cost rises at a check (every ``steps // 10`` steps), and it maps pixels at exactly 0 or 1
+    to ``atanh(±1) = ±inf``, where they can never move. On the quick MNIST standard model
+    (first 100 test images, 100 steps) it left 61-80% robust at l2 = 2 where foolbox's
+    ``L2CarliniWagnerAttack`` (per-example binary search and early abort) left 13% and PGD 10%.
+    """
 
     def __init__(self, model: nn.Module, *, c: Iterable[float] = (1.0,), **kwargs):
         self.model, self.c, self.kwargs = model, tuple(c), kwargs
@@ -215,8 +222,7 @@ CATALOGUE: dict[str, Entry] = {
     "autoattack_linf": Entry("AutoAttack linf", "linf", "linf", "white-box", _ta("AutoAttack", norm="Linf", seed=0),
                              "torchattacks"),
     "pgd_l2": Entry("PGD l2", "l2", "l2", "white-box", _pgd, "pyens"),
-    "cw_l2": Entry("CW l2", "l2", "l2", "white-box", lambda p, eps, radii: (lambda model: CWLadder(model, **p)),
-                   "torchattacks"),
+    "cw_l2": Entry("CW l2", "l2", "l2", "white-box", _fb("L2CarliniWagnerAttack"), "foolbox"),
     "boundary": Entry("Boundary l2", "l2", "l2", "black-box", _fb("BoundaryAttack"), "foolbox"),
     "autoattack_l2": Entry("AutoAttack l2", "l2", "l2", "white-box", _ta("AutoAttack", norm="L2", seed=0),
                            "torchattacks"),
@@ -227,44 +233,48 @@ CATALOGUE: dict[str, Entry] = {
 }
 
 
+# The paper preset (App. C.2: PGD with 200 steps, l1 k = 20, the MSD evaluation's 10 random
+# restarts and the training step sizes; the other attacks at their authors' settings, which are
+# the libraries' defaults). PGD's and MSD's step sizes are filled in per dataset.
+PAPER = {
+    "pgd": dict(steps=200, k=20, restarts=10, random_start=True),
+    "hsj": dict(steps=64, initial_gradient_eval_steps=100, max_gradient_eval_steps=10000, gamma=1.0),
+    "autoattack_linf": dict(version="standard"),
+    "cw_l2": dict(binary_search_steps=9, steps=10000, stepsize=0.01, confidence=0, initial_const=0.001,
+                  abort_early=True),
+    "boundary": dict(steps=25000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
+    "autoattack_l2": dict(version="standard"),
+    "salt_pepper": dict(steps=1000),
+    "ead_l1": dict(binary_search_steps=9, steps=1000, initial_stepsize=0.01, initial_const=0.001,
+                   regularization=0.01, abort_early=True),
+    "msd": dict(steps=200, k=20),
+}
+# The quick preset: what changes from the paper's, to fit a CPU (50-step PGD, step sizes scaled).
+QUICK = {
+    "pgd": dict(steps=50, restarts=1, random_start=False),
+    "hsj": dict(steps=10, max_gradient_eval_steps=1000),
+    "cw_l2": dict(binary_search_steps=5, steps=100, stepsize=0.1),
+    "boundary": dict(steps=1000),
+    "ead_l1": dict(binary_search_steps=5, steps=300),
+    "msd": dict(steps=50),
+}
+
+
 def preset_params(preset: str, dataset: str = "mnist") -> dict[str, dict]:
     """Catalogue key -> the preset's parameters for ``dataset`` (see the module docstring)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     radii = _radii(dataset)
-    if preset == "paper":
-        alpha = PAPER_ALPHA[dataset]
-        out = {f"pgd_{p}": dict(norm=p, alpha=a, steps=200, k=20, restarts=10, random_start=True)
-               for p, a in zip(NORMS, alpha)}
-        out.update(
-            hsj=dict(steps=64, initial_gradient_eval_steps=100, max_gradient_eval_steps=10000, gamma=1.0),
-            autoattack_linf=dict(version="standard"),
-            cw_l2=dict(c=(0.1, 1.0, 10.0, 100.0), kappa=0, steps=1000, lr=0.01),
-            boundary=dict(steps=25000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
-            autoattack_l2=dict(version="standard"),
-            salt_pepper=dict(steps=1000),
-            ead_l1=dict(binary_search_steps=9, steps=1000, initial_stepsize=0.01, initial_const=0.001,
-                        regularization=0.01, abort_early=True),
-            msd=dict(alpha=alpha, steps=200, k=20),
-        )
-        return {k: out[k] for k in CATALOGUE}
-    steps = 50
-    alpha = tuple(quick_alpha(p, e, steps) for p, e in zip(NORMS, radii))
-    out = {f"pgd_{p}": dict(norm=p, alpha=a, steps=steps, k=20, restarts=1, random_start=False)
-           for p, a in zip(NORMS, alpha)}
+    changes = {} if preset == "paper" else QUICK
+    table = {k: {**v, **changes.get(k, {})} for k, v in PAPER.items()}
+    steps = table["pgd"]["steps"]
+    alpha = PAPER_ALPHA[dataset] if preset == "paper" else tuple(quick_alpha(p, e, steps)
+                                                                   for p, e in zip(NORMS, radii))
+    out = {f"pgd_{p}": dict(norm=p, alpha=a, **table["pgd"]) for p, a in zip(NORMS, alpha)}
     if preset == "pgd":
         return out
-    out.update(
-        hsj=dict(steps=10, initial_gradient_eval_steps=100, max_gradient_eval_steps=1000, gamma=1.0),
-        autoattack_linf=dict(version="standard"),
-        cw_l2=dict(c=(1.0, 10.0), kappa=0, steps=100, lr=0.01),
-        boundary=dict(steps=1000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
-        autoattack_l2=dict(version="standard"),
-        salt_pepper=dict(steps=1000),
-        ead_l1=dict(binary_search_steps=5, steps=100, initial_stepsize=0.01, initial_const=0.001,
-                    regularization=0.01, abort_early=True),
-        msd=dict(alpha=alpha, steps=steps, k=20),
-    )
+    out.update({k: v for k, v in table.items() if k != "pgd"})
+    out["msd"] = dict(alpha=alpha, **table["msd"])
     return {k: out[k] for k in CATALOGUE}
 
 

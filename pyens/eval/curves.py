@@ -168,9 +168,10 @@ def distortion_curve(report: RobustnessReport, name: str, radii=None) -> tuple[l
     on = torch.ones_like(report.clean) if a.attacked is None else a.attacked
     d = a.distance[on & report.clean]
     total = max(int(on.sum()), 1)
-    if radii is None:
+    if radii is None:  # up to the largest distance found, at most 4 eps (at least 2 eps)
         finite = d[torch.isfinite(d)]
         top = float(finite.max()) if finite.numel() else (a.eps or 1.0)
-        top = max(top, 2 * (a.eps or 0.0))
+        if a.eps:
+            top = min(max(top, 2 * a.eps), 4 * a.eps)
         radii = torch.linspace(0, top, 101).tolist()
     return list(radii), [int((d > r).sum()) / total for r in radii]

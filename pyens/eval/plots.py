@@ -39,6 +39,19 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _decorate(ax, title: str | None, xlabel: str, ylabel: str, *, percent: bool = False) -> None:
+    """Title, axis labels, grid and (when there are labelled lines) a legend."""
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def plot_curves(curves: list[Curves], path: str | Path) -> Path:
     """Figs. 2-3 layout: row 1 accuracy vs steps at the paper's radius, row 2 accuracy vs radius
     (dashed line: the paper's radius); one column per norm, one line per model."""
@@ -60,13 +73,8 @@ def plot_curves(curves: list[Curves], path: str | Path) -> Path:
             bottom.set_title(f"PGD {NORM_TEX[norm]}, {r['steps']} steps: accuracy vs radius")
             bottom.axvline(r["eps"], ls="--", c="gray", label=f"paper eps {r['eps']:g}")
         top.set_xscale("log")
-        top.set_xlabel("attack steps (log scale)")
-        bottom.set_xlabel(f"radius eps ({NORM_TEX[norm]})")
-        for ax in (top, bottom):
-            ax.set_ylabel("robust accuracy (%)")
-            ax.set_ylim(-3, 103)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+        _decorate(top, None, "attack steps (log scale)", "robust accuracy (%)", percent=True)
+        _decorate(bottom, None, f"radius eps ({NORM_TEX[norm]})", "robust accuracy (%)", percent=True)
     n = curves[0].n if curves else 0
     fig.suptitle(f"Robust accuracy under PGD (first {n} test images)")
     return _save(fig, path)
@@ -91,13 +99,8 @@ def plot_distortion(report: RobustnessReport, path: str | Path, curves: Curves |
             eps = r["eps"]
         if eps is not None:
             ax.axvline(eps, ls=":", c="gray", label=f"paper eps {eps:g}")
-        ax.set_title(f"{report.model}: {NORM_TEX[norm]} distortion vs accuracy")
-        ax.set_xlabel(f"allowed distortion ({NORM_TEX[norm]} norm)")
-        ax.set_ylabel("robust accuracy (%)")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _decorate(ax, f"{report.model}: {NORM_TEX[norm]} distortion vs accuracy",
+                  f"allowed distortion ({NORM_TEX[norm]} norm)", "robust accuracy (%)", percent=True)
     return _save(fig, path)
 
 
@@ -109,20 +112,21 @@ def _per_epoch(histories: dict[str, list[dict]], key: str, sub: str | None = Non
             yield label, [e for e, _ in rows], [v for _, v in rows]
 
 
+def _member_lines(ax, histories: dict[str, list[dict]], key: str, sub: str | None, norms) -> None:
+    """One line per (model, member) of a per-member metric along the epochs."""
+    for label, epochs, values in _per_epoch(histories, key, sub):
+        for m in range(len(values[0])):
+            name = f"member {m + 1}" + (f" ({norms[m]})" if norms and m < len(norms) else "")
+            ax.plot(epochs, [v[m] for v in values], marker="o", label=f"{label}: {name}")
+
+
 def plot_cross_gradient(histories: dict[str, list[dict]], path: str | Path, norms=None) -> Path:
     """Fig. 1: ||cross gradient|| / ||true gradient|| per member vs epoch (``cross_gradient_ratio``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, epochs, values in _per_epoch(histories, "cross_gradient_ratio"):
-        for m in range(len(values[0])):
-            name = f"member {m + 1}" + (f" ({norms[m]})" if norms and m < len(norms) else "")
-            ax.plot(epochs, [v[m] for v in values], marker="o", label=f"{label}: {name}")
-    ax.set_title("Cross gradient vs true gradient during training (MAT Fig. 1)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(r"$\|\nabla_{x_m}\sum_{j\neq m}L_j\|_2 \;/\; \|\nabla_{x_m}L_m\|_2$")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _member_lines(ax, histories, "cross_gradient_ratio", None, norms)
+    _decorate(ax, "Cross gradient vs true gradient during training (MAT Fig. 1)", "epoch",
+              r"$\|\nabla_{x_m}\sum_{j\neq m}L_j\|_2 \;/\; \|\nabla_{x_m}L_m\|_2$")
     return _save(fig, path)
 
 
@@ -132,16 +136,9 @@ def plot_disagreement(histories: dict[str, list[dict]], path: str | Path, norms=
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
     for ax, p in zip(axes[0], ("l1", "linf")):
-        for label, epochs, values in _per_epoch(histories, "steepest_disagreement", p):
-            for m in range(len(values[0])):
-                name = f"member {m + 1}" + (f" ({norms[m]})" if norms and m < len(norms) else "")
-                ax.plot(epochs, [v[m] for v in values], marker="o", label=f"{label}: {name}")
-        ax.set_title(f"Steepest-direction disagreement {E_TEX[p]} (MAT Fig. 4)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"fraction of entries that differ ({NORM_TEX[p]} direction)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _member_lines(ax, histories, "steepest_disagreement", p, norms)
+        _decorate(ax, f"Steepest-direction disagreement {E_TEX[p]} (MAT Fig. 4)", "epoch",
+                  f"fraction of entries that differ ({NORM_TEX[p]} direction)")
     return _save(fig, path)
 
 
@@ -156,10 +153,6 @@ def plot_cosine(cosines: dict[str, dict], path: str | Path) -> Path:
             ax = axes[r][c]
             for (i, j), values in zip(cos["pairs"], cos[key]):
                 ax.hist(list(values), bins=40, range=(-1, 1), alpha=0.55, label=f"members {i + 1}-{j + 1}")
-            ax.set_title(f"{label}: cosine similarity of the members' input {what}")
-            ax.set_xlabel("cosine similarity")
-            ax.set_ylabel("examples")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+            _decorate(ax, f"{label}: cosine similarity of the members' input {what}", "cosine similarity",
+                      "examples")
     return _save(fig, path)

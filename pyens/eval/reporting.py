@@ -32,6 +32,7 @@ from pyens.eval.robustness import evaluate, labelled, resolve_attacks
 from pyens.eval.sanity import MASKING, Check, flagged, run_checks
 from pyens.eval.transfer import TransferReport, submodel_table, transfer_tables
 
+UNATTACKED = ("standard", "mimo", "ensemble")  # methods trained without an inner maximisation
 ENSEMBLE_LABELS = {"mat": "MAT", "mat_msd": "MAT+MSD", "mat_same": "MAT (same norm)", "mimo_at": "MIMO AT",
                    "mimo": "MIMO", "ensemble_at": "Vanilla ensemble"}
 
@@ -272,9 +273,11 @@ def _seconds_table(results: list[RunResults]) -> str:
     names = [a.name for a in results[0].report.attacks]
     body = [[n] + [f"{r.report.result(n).seconds:.0f}" if n in {a.name for a in r.report.attacks} else "-"
                    for r in results] for n in names]
-    for part in ("curves", "transfer"):
-        if any(part in r.seconds for r in results):
-            body.append([part] + [f"{r.seconds[part]:.0f}" if part in r.seconds else "(cached)" for r in results])
+    done = {"curves": lambda r: r.curves is not None, "transfer": lambda r: bool(r.transfers)}
+    for part, has in done.items():
+        if any(has(r) for r in results):
+            body.append([part] + [f"{r.seconds[part]:.0f}" if part in r.seconds else "(cached)" if has(r) else "-"
+                                  for r in results])
     return markdown_table(["Wall-clock seconds"] + [r.label for r in results], body)
 
 
@@ -296,11 +299,33 @@ def _check_details(results: list[RunResults]) -> list[str]:
     return lines
 
 
+def _reductions(results: list[RunResults], settings: Settings) -> list[str]:
+    """Every way this report's measurements fall short of the papers' protocol (never silent)."""
+    out = []
+    n = results[0].report.n
+    if n < 1000:
+        out.append(f"- Table 4 rows on the first {n} test images (papers: 1000).")
+    curves = next((r.curves for r in results if r.curves is not None), None)
+    if curves is not None and curves.n < 1000:
+        out.append(f"- Curves (Figs. 2-3) and the sanity checks built on them on the first {curves.n} test images.")
+    t = next((r.transfers[0] for r in results if r.transfers), None)
+    if t is not None and t.n < 1000:
+        out.append(f"- Transfer tables on the first {t.n} test images (papers: 1000).")
+    seen = set()
+    for r in results:
+        for a in r.report.attacks:
+            if a.note and a.name not in seen:
+                seen.add(a.name)
+                out.append(f"- {a.name}: {a.note}.")
+    return out or ["- None: the paper preset on 1000 test images."]
+
+
 def _runs_table(results: list[RunResults]) -> str:
     body = []
     for r in results:
         c = r.config
-        body.append([r.label, str(c.get("method", "?")), str(c.get("model", "?")), ", ".join(c.get("norms", [])),
+        norms = ", ".join(c.get("norms", [])) if c.get("method") not in UNATTACKED else "-"
+        body.append([r.label, str(c.get("method", "?")), str(c.get("model", "?")), norms,
                      str(c.get("members", "-")), str(c.get("epochs", "-")), str(c.get("steps", "-")),
                      _pct(r.report.accuracies()["Clean accuracy"])])
     return markdown_table(["Run", "method", "backbone", "training norms (per member)", "M", "epochs",
@@ -320,6 +345,7 @@ def write_markdown(results: list[RunResults], out: Path, settings: Settings, fig
                  "counts if it lies within the radius: linf 0.3, l2 2, l1 10 on MNIST). The \"All\" rows are "
                  "per-example worst cases (MAT paper, Table 4).")
     lines += ["", "## Runs", "", _runs_table(results)]
+    lines += ["## Reductions from the papers' protocol", "", *_reductions(results, settings), ""]
     lines += ["## Robust accuracy (%), Table 4 layout", "", format_table([r.report for r in results], markdown=True)]
     if any(a.partial for r in results for a in r.report.attacks):
         lines.append(f"{PARTIAL} run on a subset of the examples (see the attack table): the attack's own row is its "

@@ -66,24 +66,25 @@ def _increases(values: list[float], xs: list, tol: float, what: str, norm: str) 
     return out
 
 
-def monotone_in_radius(curves: Curves | None, tol: float = TOL) -> Check:
-    name = "accuracy non-increasing in eps"
-    if curves is None or not curves.radius:
-        return Check(name, None, "no radius curves")
+def _monotone(curves: Curves | None, what: str, tol: float) -> Check:
+    """Accuracy non-increasing along the radius (``what="eps"``) or steps (``"steps"``) curves."""
+    name = f"accuracy non-increasing in {what}"
+    if curves is None or not (curves.radius if what == "eps" else curves.steps):
+        return Check(name, None, f"no {what} curves")
+    table, xs = (curves.radius, "radii") if what == "eps" else (curves.steps, "steps")
     t = _tol(curves.n, tol)
-    bad = [v for norm, c in curves.radius.items() for v in _increases(c["accuracy"], c["radii"], t, "eps", norm)]
-    return Check(name, not bad, f"PGD radius sweep per norm on {curves.n} examples, tolerance {100 * t:.1f} points",
+    bad = [v for norm, c in table.items() for v in _increases(c["accuracy"], c[xs], t, what, norm)]
+    grid = ", ".join(f"{norm} {[round(x, 4) for x in c[xs]]}" for norm, c in table.items())
+    return Check(name, not bad, f"PGD along {what} ({grid}) on {curves.n} examples, tolerance {100 * t:.1f} points",
                  bad)
 
 
+def monotone_in_radius(curves: Curves | None, tol: float = TOL) -> Check:
+    return _monotone(curves, "eps", tol)
+
+
 def monotone_in_steps(curves: Curves | None, tol: float = TOL) -> Check:
-    name = "accuracy non-increasing in steps"
-    if curves is None or not curves.steps:
-        return Check(name, None, "no steps curves")
-    t = _tol(curves.n, tol)
-    bad = [v for norm, c in curves.steps.items() for v in _increases(c["accuracy"], c["steps"], t, "steps", norm)]
-    return Check(name, not bad, f"PGD at the paper's radius, steps {curves.steps[next(iter(curves.steps))]['steps']}, "
-                 f"tolerance {100 * t:.1f} points", bad)
+    return _monotone(curves, "steps", tol)
 
 
 def unbounded_reaches_zero(curves: Curves | None, limit: float = UNBOUNDED_MAX) -> Check:

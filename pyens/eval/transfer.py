@@ -29,10 +29,14 @@ from pyens.eval.robustness import labelled, predict_labels, targets
 
 
 def members_of(model) -> list[nn.Module]:
-    """The sub-models of an ensemble, each a classifier ``[B, C, H, W] -> [B, K]``."""
+    """The sub-models of an ensemble, each a classifier ``[B, C, H, W] -> [B, K]``: from
+    ``.member(i)`` and an int ``.members``, a wrapper's ``.net`` (e.g.
+    :class:`pyens.ensembles.ConsensusClassifier`), or a list ``.members`` (or ``.members()``)."""
     m = getattr(model, "members", None)
     if isinstance(m, int) and hasattr(model, "member"):
         return [model.member(i) for i in range(m)]
+    if isinstance(m, int) and hasattr(getattr(model, "net", None), "member"):  # a wrapper (a consensus rule)
+        return members_of(model.net)
     if callable(m) and not isinstance(m, nn.Module):
         m = m()
     if isinstance(m, (list, tuple, nn.ModuleList)) and len(m):
