@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import compare, cost_table, readme, train_time
+from bench import _env, compare, cost_table, readme, train_time
 
 TINY = ["--batch-size", "4", "--repeats", "1", "--threads", "1", "--quiet"]
 
@@ -79,12 +79,18 @@ def test_readme_block_is_spliced_into_the_performance_section(cost_rows, tmp_pat
     path, _ = cost_rows
     kernels = {"datetime": "2026-01-01T00:00:00", "benchmarks": [
         {"name": n, "fullname": f"bench/bench_op.py::{n}", "group": "g", "stats": {"median": t},
-         "extra_info": {"device": "cpu", "provider": p}} for n, p, t in (("a", "cpu", 1.0), ("b", "peer", 4.0))]}
+         "extra_info": {"device": "cpu", "provider": p}} for n, p, t in (("a", "cpu", 1.0), ("b", "eager", 4.0), ("c", "cdist", 3.0), ("d", "reference", 0.5))]}
     (path.parent / "cpu-2026-01-01-op.json").write_text(json.dumps(kernels))
     doc = tmp_path / "README.md"
     doc.write_text("# x\n\n## Performance\n\nhand-written\n\n## Layout\n\nrest\n")
     assert readme.refresh(doc, path.parent, charts=False)
     text = doc.read_text()
     assert text.index("hand-written") < text.index(readme.START) < text.index(readme.END) < text.index("## Layout")
-    assert "| op | cpu | peer | 1 | 4.00× |" in text and "Table 6 reproduction" in text
+    assert "| op | cpu | cdist | 1 | 3.00× |" in text  # against the fastest peer, never the reference and "Table 6 reproduction" in text
     assert not readme.refresh(doc, path.parent, charts=False)  # idempotent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is visible")
+def test_device_cuda_without_a_gpu_says_so():
+    with pytest.raises(SystemExit, match="cuda.is_available"):
+        _env.resolve_device("cuda")
