@@ -12,6 +12,15 @@ from bench import _env, compare, cost_table, readme, train_time
 TINY = ["--batch-size", "4", "--repeats", "1", "--threads", "1", "--quiet"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one thread is faster than two fighting for a busy machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def mnist():
     data, batches = cost_table.mnist_batches(4, 1, torch.device("cpu"))
