@@ -18,6 +18,7 @@
 #include "mahalanobis.h"
 
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,7 +45,7 @@ namespace {
 
 constexpr int kB = 32;  // columns b per tile: the vectorised dimension
 constexpr int kC = 4;   // centers (forward, dv) or feature rows (dut) per tile
-constexpr int64_t kGemmMinN = 64;  // measured crossover of the two algorithms (docs/mahalanobis.md)
+constexpr int64_t kGemmMinN = 32;  // measured crossover of the two algorithms (docs/mahalanobis.md)
 constexpr double kClose = 0.25;    // pairs closer than this (relative) avoid the expansion
 
 // at::parallel_for with chunks of at least kTaskWork multiply-adds: a small problem runs inline
@@ -98,7 +99,7 @@ using Pairs = std::vector<Pair<T>>;
 
 template <typename T>
 MAHA_INLINE void write_distance(T& o, T sq, T eps, T scale, bool accumulate) {
-  const T r = std::sqrt((sq < T(0) ? T(0) : sq) + eps);  // clamps the expansion; NaN propagates
+  const T r = std::sqrt(sq + eps);
   o = accumulate ? o + scale * r : r;
 }
 
@@ -118,15 +119,33 @@ MAHA_INLINE void distance_tiles(const Shape<T>& s, const T* ut, const T* v, cons
         diff_tile<T, true>(u, s.B, rows, s.N, nb, acc);
       else
         diff_tile<T, false>(u, s.B, rows, s.N, nb, acc);
-      const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
-      for (int k = 0; k < nc; ++k)
-        for (int j = 0; j < nb; ++j) {
-          const int64_t b = b0 + j, c = c0 + k;
-          if (acc[k][j] < T(kClose) * (nu[e * s.B + b] + nv[e * s.C + c]))
-            close[task].push_back({b, c, T(0)});
-          else
-            write_distance(d[s.out(b, e, c)], acc[k][j], eps, scale, accumulate);
+      // Branch-free epilogue, vectorised over the tile: square roots and the close-pair test.
+      // A close pair's entry is a placeholder (0 when accumulating) that the exact pass fixes.
+      const T* nub = nu + e * s.B + b0;
+      T nuj[kB], r[kC][kB];
+      for (int j = 0; j < kB; ++j) nuj[j] = j < nb ? nub[j] : T(0);
+      const T keep = accumulate ? T(0) : T(1);
+      int any_close = 0;
+      for (int k = 0; k < kC; ++k) {
+        const T nvc = nv[e * s.C + std::min(c0 + k, s.C - 1)];
+#pragma omp simd reduction(| : any_close)
+        for (int j = 0; j < kB; ++j) {
+          const T q = acc[k][j], root = std::sqrt(q + eps);
+          const int close_pair = q < T(kClose) * (nuj[j] + nvc);
+          r[k][j] = close_pair ? keep * root : root;
+          any_close |= close_pair;
         }
+      }
+      const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
+      if (any_close)
+        for (int k = 0; k < nc; ++k)
+          for (int j = 0; j < nb; ++j)
+            if (acc[k][j] < T(kClose) * (nub[j] + nv[e * s.C + c0 + k]))
+              close[task].push_back({b0 + j, c0 + k, T(0)});
+      for (int j = 0; j < nb; ++j) {
+        T* o = d + s.out(b0 + j, e, c0);  // nc consecutive centers
+        for (int k = 0; k < nc; ++k) o[k] = accumulate ? o[k] + scale * r[k][j] : r[k][j];
+      }
     }
   }
 }
@@ -281,35 +300,45 @@ std::vector<Pairs<T>> by_member(int64_t E, int64_t per_member, std::vector<Pairs
 // From this many multiply-adds (K N^2) on, a member's close pairs go through one GEMM.
 constexpr int64_t kRefineGemm = int64_t{1} << 20;
 
-// y [K, N]: y_k = F_e (x_b - c) for the close pairs of member e.
+// y [K, N]: y_k = F_e (x_b - c) for the close pairs of member e (a GEMM for big blocks).
 template <typename T>
-at::Tensor exact_rows(const Shape<T>& s, const Points& p, int64_t e, const Pairs<T>& pairs) {
+std::vector<T> exact_rows(const Shape<T>& s, const Points& p, int64_t e, const Pairs<T>& pairs) {
   const int64_t K = static_cast<int64_t>(pairs.size()), N = s.N;
-  const T *xp = p.x.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
+  const T *xp = p.x.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>(), *Fp = p.F.const_data_ptr<T>();
   const bool member_x = p.x.dim() == 3;
-  at::Tensor z = at::empty({K, N}, p.x.options());
-  T* zp = z.mutable_data_ptr<T>();
+  std::vector<T> z(K * N), y(K * N);
   parallel(K, N, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const T* xb = xp + (member_x ? pairs[k].b * s.E + e : pairs[k].b) * N;
       const T* cc = cp + (e * s.C + pairs[k].c) * N;
-      for (int64_t n = 0; n < N; ++n) zp[k * N + n] = xb[n] - cc[n];
+      for (int64_t n = 0; n < N; ++n) z[k * N + n] = xb[n] - cc[n];
     }
   });
-  if (p.diag) return z * p.F[e];
-  if (K * N * N >= kRefineGemm) return at::mm(z, p.F[e].t());
-  at::Tensor y = at::empty({K, N}, p.x.options());
-  const T* Fe = p.F.const_data_ptr<T>() + e * N * N;
-  T* yp = y.mutable_data_ptr<T>();
-  parallel(K, N * N, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
-      for (int64_t i = 0; i < N; ++i) {
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < N; ++j) acc += Fe[i * N + j] * zp[k * N + j];
-        yp[k * N + i] = acc;
+  if (p.diag) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) y[k * N + n] = Fp[e * N + n] * z[k * N + n];
+  } else if (K * N * N >= kRefineGemm) {
+    at::Tensor yt = at::from_blob(y.data(), {K, N}, p.x.options());
+    at::mm_out(yt, at::from_blob(z.data(), {K, N}, p.x.options()), p.F[e].t());
+  } else {
+    // y_k = sum_j z_kj F[:, j]: axpys over F^T's rows vectorise (a dot per output would be a
+    // chain of dependent scalar adds).
+    std::vector<T> Ft(N * N);
+    const T* Fe = Fp + e * N * N;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) Ft[j * N + i] = Fe[i * N + j];
+    parallel(K, N * N, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        T* yk = y.data() + k * N;
+        for (int64_t j = 0; j < N; ++j) {
+          const T zj = z[k * N + j];
+          const T* col = Ft.data() + j * N;
+#pragma omp simd
+          for (int64_t i = 0; i < N; ++i) yk[i] += zj * col[i];
+        }
       }
-  });
+    });
+  }
   return y;
 }
 
@@ -323,20 +352,30 @@ void expanded_distances(const Shape<T>& s, const at::Tensor& ut, const at::Tenso
   const at::Tensor cross = at::bmm(v, ut);  // [E, C, B]
   const T* xp = cross.const_data_ptr<T>();
   parallel(s.E * s.C, s.B, [&](int64_t begin, int64_t end) {
-    std::vector<T> sq(s.B);
+    std::vector<T> sq(s.B), r(s.B);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t e = row / s.C, c = row % s.C;
       const T* cr = xp + row * s.B;
       const T* nue = nu + e * s.B;
       const T nvc = nv[row];
-#pragma omp simd
-      for (int64_t b = 0; b < s.B; ++b) sq[b] = nue[b] + nvc - T(2) * cr[b];
+      const T keep = accumulate ? T(0) : T(1);
+      int any_close = 0;
+#pragma omp simd reduction(| : any_close)
       for (int64_t b = 0; b < s.B; ++b) {
-        if (sq[b] < T(kClose) * (nue[b] + nvc))
-          close[row].push_back({b, c, T(0)});
-        else
-          write_distance(d[s.out(b, e, c)], sq[b], eps, scale, accumulate);
+        const T q = nue[b] + nvc - T(2) * cr[b];
+        const int close_pair = q < T(kClose) * (nue[b] + nvc);
+        sq[b] = q;
+        // clamps the expansion; NaN propagates; a close pair's entry is fixed by the exact pass
+        const T root = std::sqrt((q < T(0) ? T(0) : q) + eps);
+        r[b] = close_pair ? keep * root : root;
+        any_close |= close_pair;
       }
+      if (any_close)
+        for (int64_t b = 0; b < s.B; ++b)
+          if (sq[b] < T(kClose) * (nue[b] + nvc)) close[row].push_back({b, c, T(0)});
+      T* o = d + e * s.C + c;
+      const int64_t stride = s.E * s.C;
+      for (int64_t b = 0; b < s.B; ++b) o[b * stride] = accumulate ? o[b * stride] + scale * r[b] : r[b];
     }
   });
 }
@@ -367,8 +406,8 @@ void distances_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p,
   const auto members = by_member<T>(s.E, per_member, close);
   for (int64_t e = 0; e < s.E; ++e) {
     if (members[e].empty()) continue;
-    const at::Tensor y = exact_rows<T>(s, p, e, members[e]);
-    const T* yp = y.const_data_ptr<T>();
+    const std::vector<T> y = exact_rows<T>(s, p, e, members[e]);
+    const T* yp = y.data();
     for (size_t k = 0; k < members[e].size(); ++k) {
       T sq = T(0);
       for (int64_t n = 0; n < s.N; ++n) sq += yp[k * s.N + n] * yp[k * s.N + n];
@@ -387,24 +426,40 @@ void distances_cpu(const at::Tensor& ut, const at::Tensor& v, const Points& p, a
 // the backward
 
 // w[e, c, b] = scale * grad / d (0 where d = 0), transposed from [B, E, C] to [E, C, B]: the
-// division runs over contiguous (e, c), the transposition through a 32-column tile in L1.
+// division runs over contiguous (e, c), the transposition through a 32-column tile in L1. The
+// close pairs (judged from d^2, which stands for ||u - v||^2 + eps) leave w, with their
+// weights, for close[e * tiles_b + tile]; the test is vectorised, the rare hits handled apart.
 template <typename T>
-at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& d, T scale) {
+at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& d, T scale, const T* nu,
+                   const T* nv, std::vector<Pairs<T>>& close) {
   at::Tensor w = at::empty({s.E, s.C, s.B}, grad.options());
   const T *gp = grad.const_data_ptr<T>(), *dp = d.const_data_ptr<T>();
   T* wp = w.mutable_data_ptr<T>();
-  const int64_t EC = s.E * s.C;
-  parallel(s.tiles_b(), kB * EC, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(EC * kB);
+  const int64_t EC = s.E * s.C, tiles = s.tiles_b();
+  close.assign(s.E * tiles, {});
+  parallel(tiles, kB * EC, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(EC * kB), thr(EC);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
       for (int64_t j = 0; j < nb; ++j) {
-        const T* g = gp + (b0 + j) * EC;
-        const T* dd = dp + (b0 + j) * EC;
+        const int64_t b = b0 + j;
+        const T* g = gp + b * EC;
+        const T* dd = dp + b * EC;
         T* row = tile.data() + j * EC;
-        // Two branch-free loops (a guarded division does not vectorise).
+        // Branch-free loops (a guarded division does not vectorise).
         for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
         for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
+        for (int64_t e = 0; e < s.E; ++e)
+          for (int64_t c = 0; c < s.C; ++c) thr[e * s.C + c] = T(kClose) * (nu[e * s.B + b] + nv[e * s.C + c]);
+        int any_close = 0;
+#pragma omp simd reduction(| : any_close)
+        for (int64_t i = 0; i < EC; ++i) any_close |= static_cast<int>(dd[i] * dd[i] < thr[i]);
+        if (any_close)
+          for (int64_t i = 0; i < EC; ++i)
+            if (dd[i] * dd[i] < thr[i]) {
+              if (row[i] != T(0)) close[(i / s.C) * tiles + t].push_back({b, i % s.C, row[i]});
+              row[i] = T(0);
+            }
       }
       for (int64_t i = 0; i < EC; ++i)
         for (int64_t j = 0; j < nb; ++j) wp[i * s.B + b0 + j] = tile[j * EC + i];
@@ -413,38 +468,15 @@ at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& 
   return w;
 }
 
-// Moves the close pairs (judged from d^2, which stands for ||u - v||^2 + eps) out of w, with
-// their weights, into per-member lists.
-template <typename T>
-std::vector<Pairs<T>> split_close(const Shape<T>& s, at::Tensor& w, const at::Tensor& d, const T* nu,
-                                  const T* nv) {
-  std::vector<Pairs<T>> rows(s.E * s.C);
-  const T* dp = d.const_data_ptr<T>();
-  T* wp = w.mutable_data_ptr<T>();
-  parallel(s.E * s.C, s.B, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t e = row / s.C, c = row % s.C;
-      for (int64_t b = 0; b < s.B; ++b) {
-        const T dd = dp[s.out(b, e, c)];
-        if (dd * dd < T(kClose) * (nu[e * s.B + b] + nv[row])) {
-          T& wv = wp[row * s.B + b];
-          if (wv != T(0)) rows[row].push_back({b, c, wv});
-          wv = T(0);
-        }
-      }
-    }
-  });
-  return by_member<T>(s.E, s.C, rows);
-}
-
 template <typename T>
 void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p, const at::Tensor& grad,
                               const at::Tensor& d, double scale, at::Tensor& dut, at::Tensor& dv) {
   const Shape<T> s(ut, v);
-  at::Tensor w = weights<T>(s, grad, d, T(scale));
   const std::pair<at::Tensor, at::Tensor> norms = squared_norms<T>(s, ut, v);
-  const at::Tensor &nu = norms.first, &nv = norms.second;
-  const auto members = split_close<T>(s, w, d, nu.const_data_ptr<T>(), nv.const_data_ptr<T>());
+  std::vector<Pairs<T>> close;
+  const at::Tensor w = weights<T>(s, grad, d, T(scale), norms.first.const_data_ptr<T>(),
+                                  norms.second.const_data_ptr<T>(), close);
+  const auto members = by_member<T>(s.E, s.tiles_b(), close);
   // The far pairs in the transformed space.
   if (s.N >= kGemmMinN) {
     // GEMMs: dut = ut * rowsum(w) - v^T w, dv = v * colsum(w) - w ut^T.
@@ -473,8 +505,8 @@ void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const P
   T* dvp = dv.defined() ? dv.mutable_data_ptr<T>() : nullptr;
   for (int64_t e = 0; e < s.E; ++e) {
     if (members[e].empty()) continue;
-    const at::Tensor y = exact_rows<T>(s, p, e, members[e]);
-    const T* yp = y.const_data_ptr<T>();
+    const std::vector<T> y = exact_rows<T>(s, p, e, members[e]);
+    const T* yp = y.data();
     for (size_t k = 0; k < members[e].size(); ++k) {
       const auto& [b, c, wv] = members[e][k];
       for (int64_t n = 0; n < s.N; ++n) {
@@ -567,6 +599,59 @@ at::Tensor noise_cpu(const at::Tensor& like, int64_t seed, at::IntArrayRef shape
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// autograd in C++: the eager fast path of the compiled backends (CPU and CUDA). Python's
+// pyens.ops.mahalanobis calls pyens_C::mahalanobis_fwd directly for them, so a forward and
+// backward cost no Python frames beyond the call; the registered custom op pyens::mahalanobis
+// (register_autograd, same kernels) serves torch.compile.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class DistanceMap : public torch::autograd::Function<DistanceMap> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
+                               int64_t form, double eps) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pyens_C::mahalanobis_fwd", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>();
+    at::Tensor d, ut, v;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(d, ut, v) = op.call(x, P, c, form, eps);
+    }
+    ctx->save_for_backward({x, P, c, d, ut, v});
+    ctx->saved_data["form"] = form;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({ut, v});
+    return {d, ut, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("pyens_C::mahalanobis_bwd", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, int64_t, double, std::array<bool, 3>)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const std::array<bool, 3> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    if (!(needs[0] || needs[1] || needs[2])) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor g = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[3]);
+    auto [dx, dP, dc] = op.call(g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                ctx->saved_data["form"].toInt(), ctx->saved_data["eps"].toDouble(), needs);
+    auto keep = [](at::Tensor t, bool need) { return need ? t : at::Tensor(); };
+    return {keep(dx, needs[0]), keep(dP, needs[1]), keep(dc, needs[2]), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::Tensor& P,
+                                                            const at::Tensor& c, int64_t form, double eps) {
+  const variable_list out = DistanceMap::apply(x, P, c, form, eps);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyens_C, m) {
@@ -590,6 +675,8 @@ TORCH_LIBRARY_IMPL(pyens_C, CPU, m) {
   m.impl("rmahalanobis_bwd", &rbwd_cpu);
   m.impl("mahalanobis_noise", &noise_cpu);
 }
+
+TORCH_LIBRARY_IMPL(pyens_C, Autograd, m) { m.impl("mahalanobis_fwd", &fwd_autograd); }
 
 }  // namespace maha
 }  // namespace pyens

@@ -19,10 +19,11 @@ The forward also returns the transformed points ``ut = F x`` ``[E, N, B]`` and `
 no second transform.  The randomized op saves nothing per sample: its backward regenerates
 the draws from the seed (or reads the explicit ``noise``), so memory does not grow with T.
 
-In eager mode the functions call the implementation through an ``autograd.Function`` that
-shares the custom op's ``setup_context`` and ``backward`` (custom-op dispatch costs ~50 us per
-call, a third of the whole op at the papers' sizes); under ``torch.compile`` they call the
-registered ops.
+In eager mode the public functions skip the custom-op dispatch (~50 us per call, a third of
+the whole op at the papers' sizes): the compiled backends' ``pyens_C::mahalanobis_fwd`` carries
+its own C++ autograd kernel (same saved state, same single backward kernel), the others run
+through an ``autograd.Function`` that shares the custom op's ``setup_context`` and backward.
+Under ``torch.compile`` they call the registered ops.
 """
 from __future__ import annotations
 
@@ -256,7 +257,7 @@ def _make_backward(call):
         if not any(needs):
             return None, None, None, None, None
         grads = call(grad_d.contiguous(), x, P, centers, d, ut, v, ctx.form, ctx.eps, needs)
-        return (*_or_none(grads, needs), None, None)
+        return (*_or_none(tuple(grads), needs), None, None)
 
     return backward
 
@@ -269,7 +270,7 @@ def _make_rbackward(call):
             return (None,) * 9
         grads = call(grad_d.contiguous(), x, P, centers, noise, seed, ctx.samples, ctx.sigma, ctx.form,
                      ctx.eps, needs)
-        return (*_or_none(grads, needs),) + (None,) * 6
+        return (*_or_none(tuple(grads), needs),) + (None,) * 6
 
     return backward
 
@@ -278,22 +279,38 @@ _mahalanobis_op.register_autograd(_make_backward(_mahalanobis_backward_op), setu
 _randomized_op.register_autograd(_make_rbackward(_randomized_backward_op), setup_context=_rsetup)
 
 
+# The eager path: the same setup and backward, called from a classic autograd.Function (one
+# with a separate setup_context binds its arguments with inspect.signature on every call,
+# ~30 us), and the backward runs on the forward's backend without choosing again.
 class _EagerMahalanobis(torch.autograd.Function):
     @staticmethod
-    def forward(x, P, centers, form, eps):
-        return _forward_impl(x, P, centers, form, eps)
+    def forward(ctx, x, P, centers, form, eps):
+        kernels = _kernels(x)
+        out = tuple(kernels.forward(x, P, centers, form, eps))
+        _setup(ctx, (x, P, centers, form, eps), out)
+        ctx.kernels = kernels
+        return out
 
-    setup_context = staticmethod(_setup)
-    backward = staticmethod(_make_backward(_backward_impl))
+    @staticmethod
+    def backward(ctx, grad_d, *unused):
+        return _make_backward(ctx.kernels.backward)(ctx, grad_d, *unused)
 
 
 class _EagerRandomized(torch.autograd.Function):
     @staticmethod
-    def forward(x, P, centers, noise, seed, samples, sigma, form, eps):
-        return _rforward_impl(x, P, centers, noise, seed, samples, sigma, form, eps)
+    def forward(ctx, x, P, centers, noise, seed, samples, sigma, form, eps):
+        kernels = _kernels(x)
+        out = kernels.rforward(x, P, centers, noise, int(seed), samples, sigma, form, eps)
+        _rsetup(ctx, (x, P, centers, noise, seed, samples, sigma, form, eps), out)
+        ctx.kernels = kernels
+        return out
 
-    setup_context = staticmethod(_rsetup)
-    backward = staticmethod(_make_rbackward(_rbackward_impl))
+    @staticmethod
+    def backward(ctx, grad_d):
+        def call(grad, x, P, centers, noise, seed, *rest):
+            return ctx.kernels.rbackward(grad, x, P, centers, noise, int(seed), *rest)
+
+        return _make_rbackward(call)(ctx, grad_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +341,11 @@ def mahalanobis(x: torch.Tensor, P: torch.Tensor, centers: torch.Tensor, *, form
     if torch.compiler.is_compiling():
         d, _, _ = _mahalanobis_op(x, P, centers, code, eps)
     else:
-        d, _, _ = _EagerMahalanobis.apply(x, P, centers, code, eps)
+        kernels = _kernels(x)
+        if kernels is _Compiled:  # its autograd is in C++ (DistanceMap in csrc/mahalanobis.cpp)
+            d = kernels.forward(x, P, centers, code, eps)[0]
+        else:
+            d, _, _ = _EagerMahalanobis.apply(x, P, centers, code, eps)
     return d if d.dtype == x.dtype else d.to(x.dtype)
 
 
