@@ -134,3 +134,23 @@ def test_evaluate_attacks_ensembles_through_their_average_and_dml_through_the_su
     assert rep.accuracies()["Clean accuracy"] == 1.0 and rep.accuracies()["All attacks"] < 0.5
     blind = evaluate(vote, (x, yv), attacks=pgd, n=8, progress=False, surrogate=vote)  # attack the vote itself
     assert blind.accuracies()["All attacks"] == 1.0
+
+
+def test_decision_attacks_survive_inputs_without_an_adversarial_start(tiny):
+    """foolbox's Boundary and HSJ raise for the whole batch when their start fails on one input."""
+    model, x, y = tiny
+
+    specs = catalogue("quick", "mnist", only=["hsj", "boundary"], params={k: TINY[k] for k in ("hsj", "boundary")})
+
+    class Stubborn(nn.Module):  # always class 0: no adversarial example exists for class-0 inputs
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, z):
+            return nn.functional.one_hot(torch.zeros(len(z), dtype=torch.long), 10).float() + self.w * 0
+
+    yy = torch.tensor([0, 0, 0, 0, 1, 2, 3, 4])
+    rep = evaluate(Stubborn(), (x, yy), attacks=specs, n=8, progress=False)
+    for s in specs:
+        assert rep.result(s.name).correct[:4].all()  # no start: the attack failed there, and said nothing

@@ -161,10 +161,18 @@ class CWLadder:
 class FoolboxAttack:
     """``foolbox.attacks.<name>(**kwargs)`` on ``foolbox.PyTorchModel(model, bounds=box)``,
     run unbounded (``epsilons=None``): the raw adversarial examples are returned and the radius
-    is judged by :func:`pyens.eval.evaluate`."""
+    is judged by :func:`pyens.eval.evaluate`.
 
-    def __init__(self, model: nn.Module, name: str, box: tuple[float, float] = (0.0, 1.0), **kwargs):
-        self.model, self.name, self.box, self.kwargs = model, name, box, kwargs
+    ``starts=True`` (decision-based attacks that must start from an adversarial point:
+    ``BoundaryAttack`` and ``HopSkipJumpAttack`` raise for the whole batch when their
+    initialisation fails on one input): foolbox's own default initialisation (``LinearSearchBlendedUniformNoiseAttack``,
+    50 steps) is run first, and the attack runs from it on the inputs where it succeeded; the
+    others are returned unchanged (the attack failed on them).
+    """
+
+    def __init__(self, model: nn.Module, name: str, box: tuple[float, float] = (0.0, 1.0), starts: bool = False,
+                 **kwargs):
+        self.model, self.name, self.box, self.starts, self.kwargs = model, name, box, starts, kwargs
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         import warnings
@@ -175,8 +183,16 @@ class FoolboxAttack:
         attack = getattr(foolbox.attacks, self.name)(**self.kwargs)
         with warnings.catch_warnings():  # e.g. HSJ's "failed to find an initial adversarial": judged per example
             warnings.simplefilter("ignore")
-            raw, _, _ = attack(fmodel, x, y, epsilons=None)
-        return raw.detach()
+            if not self.starts:
+                return attack(fmodel, x, y, epsilons=None)[0].detach()
+            init = foolbox.attacks.LinearSearchBlendedUniformNoiseAttack(steps=50)
+            start = init(fmodel, x, y, epsilons=None)[0].detach()
+            with torch.no_grad():
+                ok = self.model(start).argmax(-1) != y
+            out = x.clone()
+            if ok.any():
+                out[ok] = attack(fmodel, x[ok], y[ok], epsilons=None, starting_points=start[ok])[0].detach()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,12 +234,13 @@ def _fb(name, **fixed):
 
 CATALOGUE: dict[str, Entry] = {
     "pgd_linf": Entry("PGD linf", "linf", "linf", "white-box", _pgd, "pyens"),
-    "hsj": Entry("HSJ linf", "linf", "linf", "black-box", _fb("HopSkipJumpAttack", constraint="linf"), "foolbox"),
+    "hsj": Entry("HSJ linf", "linf", "linf", "black-box", _fb("HopSkipJumpAttack", constraint="linf", starts=True),
+                 "foolbox"),
     "autoattack_linf": Entry("AutoAttack linf", "linf", "linf", "white-box", _ta("AutoAttack", norm="Linf", seed=0),
                              "torchattacks"),
     "pgd_l2": Entry("PGD l2", "l2", "l2", "white-box", _pgd, "pyens"),
     "cw_l2": Entry("CW l2", "l2", "l2", "white-box", _fb("L2CarliniWagnerAttack"), "foolbox"),
-    "boundary": Entry("Boundary l2", "l2", "l2", "black-box", _fb("BoundaryAttack"), "foolbox"),
+    "boundary": Entry("Boundary l2", "l2", "l2", "black-box", _fb("BoundaryAttack", starts=True), "foolbox"),
     "autoattack_l2": Entry("AutoAttack l2", "l2", "l2", "white-box", _ta("AutoAttack", norm="L2", seed=0),
                            "torchattacks"),
     "pgd_l1": Entry("PGD l1", "l1", "l1", "white-box", _pgd, "pyens"),
