@@ -355,6 +355,19 @@ def write_markdown(results: list[RunResults], out: Path, settings: Settings, fig
     lines += ["## Attacks and their parameters", "",
               f"Preset `{settings.preset}`. Every difference from the paper's preset is listed in the last column "
               "(the CPU reductions of this report).", "", _attack_table(results)]
+    lines += ["How the attacks are judged and run:", "",
+              "- Every attack's output counts only inside the radius (checked per example, relative slack 1e-4); "
+              "minimum-norm attacks (CW, EAD, HSJ, Boundary, salt & pepper) run unbounded and succeed where their "
+              "adversarial example lies within it. Their per-example distances give the distortion-accuracy curves.",
+              "- White-box attacks follow the gradient of the ensemble's averaged output (a DML ensemble: its "
+              "differentiable surrogate); black-box attacks (HSJ, Boundary, salt & pepper) see only its decisions.",
+              "- CW is foolbox's `L2CarliniWagnerAttack` (binary search on c): torchattacks' `CW` stops a whole batch "
+              "when the batch-summed cost rises and freezes pixels at exactly 0 or 1 (atanh(±1) = ±inf); on the quick "
+              "standard model it left 61-80% robust where foolbox's left 13% and PGD 10%.",
+              "- Salt & pepper (foolbox) keeps its smallest-l2 success; it is judged in l1 (Table 4 lists it there).",
+              "- HSJ and Boundary start from foolbox's own initialisation (blended uniform noise) per input; an input "
+              "without an adversarial start counts as a failure of the attack (foolbox itself aborts the batch).",
+              ""]
     lines += ["## Sanity checks (Carlini et al. 2019)", "",
               "A failed check means the evaluation may overestimate robustness (possible gradient masking).", "",
               _checks_table(results), *(_check_details(results)), ""]
