@@ -24,7 +24,6 @@ from pyens.ensembles import (
     uncertainty,
     votes,
 )
-from tests.conftest import assert_close
 
 TINY = dict(dataset="mnist", model="lenet", train_size=40, batch_size=20, epochs=1, eval_size=20, progress=False)
 

@@ -100,8 +100,8 @@ class SurrogateScores(nn.Module):
     def __init__(self, net: nn.Module, rule: str = "sum", *, tau: float = 1.0):
         super().__init__()
         if rule in HARD_RULES or rule not in RULES:
-            raise ValueError(f"surrogate must be a differentiable rule {tuple(r for r in RULES if r not in HARD_RULES)}; "
-                             f"got {rule!r}")
+            soft = tuple(r for r in RULES if r not in HARD_RULES)
+            raise ValueError(f"surrogate must be a differentiable rule {soft}; got {rule!r}")
         self.net, self.rule, self.tau = net, rule, tau
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

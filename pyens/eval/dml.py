@@ -167,8 +167,8 @@ def cw_ladder_spec(cs: Sequence[float] = (1.0, 10.0, 100.0), steps: int = 200, l
 
 def autoattack_spec(eps: float, n: int | None = None) -> AttackSpec:
     params = dict(norm="Linf", eps=eps, version="standard", seed=0)
-    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf", lambda model: TorchattacksAttack(model, "AutoAttack", **params),
-                      params, "linf", eps, n=n)
+    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf",
+                      lambda model: TorchattacksAttack(model, "AutoAttack", **params), params, "linf", eps, n=n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,76 +498,57 @@ def honesty(curve: dict | None = None, surrogates: RobustnessReport | None = Non
     """
     lim = {**MASKING, **(limits or {})}
     signs, checks = [], []
+
+    def judge(line: str, bad: bool, why: str = "") -> None:
+        (signs if bad else checks).append(line + (f" - {why}" if bad and why else ""))
+
     if curve is not None:
         eps, acc = curve["eps"], curve["accuracy"]
-        strongest = [min(acc[a][i] for a in acc) for i in range(len(eps))]
-        top = strongest[-1]
-        msg = f"accuracy at the largest radius eps={eps[-1]:g}: {100 * top:.1f}% (best attack)"
-        (signs if top > lim["large_eps_acc"] else checks).append(
-            msg + (" - does not fall towards 0" if top > lim["large_eps_acc"] else " - falls towards 0"))
+        top = min(acc[a][-1] for a in acc)
+        judge(f"accuracy at the largest radius eps={eps[-1]:g}: {100 * top:.1f}% (best attack)",
+              top > lim["large_eps_acc"], "does not fall towards 0")
         for a, values in acc.items():
             rises = [f"{eps[i]:g}->{eps[i + 1]:g}" for i in range(len(eps) - 1)
                      if values[i + 1] > values[i] + lim["monotone_slack"]]
             if rises:
                 signs.append(f"{a} accuracy rises with eps at {', '.join(rises)}")
         beaten = [f"{e:g}" for e, f, p in zip(eps, acc["FGSM"], acc["PGD-10"]) if f < p - lim["fgsm_beats_pgd"]]
-        if beaten:
-            signs.append(f"FGSM beats PGD-10 at eps {', '.join(beaten)} (single step stronger than iterative)")
-        else:
-            checks.append("iterative attacks are at least as strong as FGSM at every radius")
-        start = [(e, b_ - p) for e, b_, p in zip(eps, acc["BIM-10"], acc["PGD-10"])]
-        e_start, gap = max(start, key=lambda t: t[1])
-        line = f"BIM-10 (from x) vs PGD-10 (random start): at most {100 * gap:.1f} points higher (eps {e_start:g})"
-        if gap > lim["random_start_gap"]:
-            signs.append(line + " - the gradient at the clean input misleads; only a random start finds the "
-                                "adversarial direction (local gradient masking)")
-        else:
-            checks.append(line)
-        gaps = [(e, p - q) for e, p, q in zip(eps, acc["PGD-10"], acc["PGD-long"])]
-        e_gap, gap = max(gaps, key=lambda t: t[1])
-        line = (f"PGD-{curve['long']} vs PGD-10: at most {100 * gap:.1f} points lower (eps {e_gap:g})")
-        if gap > lim["more_steps_gap"]:
-            signs.append(line + " - PGD-10 is far from converged; its numbers overstate robustness")
-        else:
-            checks.append(line)
+        judge(f"FGSM beats PGD-10 at eps {', '.join(beaten)} (single step stronger than iterative)" if beaten else
+              "iterative attacks are at least as strong as FGSM at every radius", bool(beaten))
+        e_start, gap = max(((e, b - p) for e, b, p in zip(eps, acc["BIM-10"], acc["PGD-10"])), key=lambda t: t[1])
+        judge(f"BIM-10 (from x) vs PGD-10 (random start): at most {100 * gap:.1f} points higher (eps {e_start:g})",
+              gap > lim["random_start_gap"], "the gradient at the clean input misleads; only a random start finds "
+                                             "the adversarial direction (local gradient masking)")
+        e_gap, gap = max(((e, p - q) for e, p, q in zip(eps, acc["PGD-10"], acc["PGD-long"])), key=lambda t: t[1])
+        judge(f"PGD-{curve['long']} vs PGD-10: at most {100 * gap:.1f} points lower (eps {e_gap:g})",
+              gap > lim["more_steps_gap"], "PGD-10 is far from converged; its numbers overstate robustness")
     if surrogates is not None:
         rows = [a.name for a in surrogates.attacks]
         paper = surrogates.accuracy(rows[0])
         best = float(surrogates.union(rows).float().mean())
         strongest = min(rows, key=surrogates.accuracy)
-        line = (f"surrogates at eps {surrogates.attacks[0].eps:g}: paper's (sum, CE) {100 * paper:.1f}%, strongest "
-                f"'{strongest}' {100 * surrogates.accuracy(strongest):.1f}%, per-example best {100 * best:.1f}%")
-        if paper - best > lim["surrogate_gap"]:
-            signs.append(line + " - the paper's attack surrogate understates the attack")
-        else:
-            checks.append(line)
+        judge(f"surrogates at eps {surrogates.attacks[0].eps:g}: paper's (sum, CE) {100 * paper:.1f}%, strongest "
+              f"'{strongest}' {100 * surrogates.accuracy(strongest):.1f}%, per-example best {100 * best:.1f}%",
+              paper - best > lim["surrogate_gap"], "the paper's attack surrogate understates the attack")
     if gradients is not None:
-        line = (f"zero input gradients of CE(summed logits) on {100 * gradients['zero_grad']:.1f}% of clean inputs "
-                f"(saturated softmax on {100 * gradients['saturated']:.1f}%)")
-        (signs if gradients["zero_grad"] > lim["zero_grad_frac"] else checks).append(line)
+        judge(f"zero input gradients of CE(summed logits) on {100 * gradients['zero_grad']:.1f}% of clean inputs "
+              f"(saturated softmax on {100 * gradients['saturated']:.1f}%)",
+              gradients["zero_grad"] > lim["zero_grad_frac"])
     if transfer_check is not None:
-        line = (f"PGD-10 transferred from {transfer_check['source']}: {100 * transfer_check['transfer']:.1f}% vs "
-                f"white-box {100 * transfer_check['white_box']:.1f}%")
-        if transfer_check["transfer"] < transfer_check["white_box"] - lim["transfer_gap"]:
-            signs.append(line + " - a transfer attack beats the white-box one")
-        else:
-            checks.append(line)
+        t, w = transfer_check["transfer"], transfer_check["white_box"]
+        judge(f"PGD-10 transferred from {transfer_check['source']}: {100 * t:.1f}% vs white-box {100 * w:.1f}%",
+              t < w - lim["transfer_gap"], "a transfer attack beats the white-box one")
     if cw is not None:
-        c1, ladder = cw["c1"], cw["ladder"]
-        line = (f"CW c = 1: {100 * c1['accuracy']:.1f}% vs CW c in (1, 10, 100): {100 * ladder['accuracy']:.1f}% "
-                f"(median l2 of its adversarial examples {ladder['median_l2']:.2f}, first {cw['n']} images)")
-        if c1["accuracy"] - ladder["accuracy"] > lim["surrogate_gap"]:
-            signs.append(line + " - the fixed-c CW number reflects the logit scale, not robustness")
-        else:
-            checks.append(line)
-        raw = cw.get("unshifted")
+        c1, ladder, raw = cw["c1"], cw["ladder"], cw.get("unshifted")
+        judge(f"CW c = 1: {100 * c1['accuracy']:.1f}% vs CW c in (1, 10, 100): {100 * ladder['accuracy']:.1f}% "
+              f"(median l2 of its adversarial examples {ladder['median_l2']:.2f}, first {cw['n']} images)",
+              c1["accuracy"] - ladder["accuracy"] > lim["surrogate_gap"],
+              "the fixed-c CW number reflects the logit scale, not robustness")
         if raw is not None:
-            line = (f"CW c = 1 on the raw logits (torchattacks as it is): {100 * raw['accuracy']:.1f}% vs "
-                    f"{100 * c1['accuracy']:.1f}% on shifted logits")
-            if raw["accuracy"] - c1["accuracy"] > lim["surrogate_gap"]:
-                signs.append(line + " - torchattacks' CW loses its gradient on these logits; its number is void")
-            else:
-                checks.append(line)
+            judge(f"CW c = 1 on the raw logits (torchattacks as it is): {100 * raw['accuracy']:.1f}% vs "
+                  f"{100 * c1['accuracy']:.1f}% on shifted logits",
+                  raw["accuracy"] - c1["accuracy"] > lim["surrogate_gap"],
+                  "torchattacks' CW loses its gradient on these logits; its number is void")
     verdict = ("signs of gradient masking: " + "; ".join(signs)) if signs else "no sign of gradient masking found"
     return {"signs": signs, "checks": checks, "verdict": verdict}
 
@@ -615,7 +596,8 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
     for net in nets.values():
         net.to(device).eval()
     x, y = x.to(device), y.to(device)
-    out = {"dataset": dataset, "n": len(x), "budget": budget if isinstance(budget, str) else "custom", "settings": s, "models": list(nets), "seconds": {}}
+    out = {"dataset": dataset, "n": len(x), "budget": budget if isinstance(budget, str) else "custom",
+           "settings": s, "models": list(nets), "seconds": {}}
     common = dict(dataset=dataset, device=device, progress=progress)
 
     def timed(key, fn):
@@ -671,6 +653,7 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
         if dml_names and others:
             src, dst = others[0], dml_names[0]
             transfer[dst] = {"source": src, **transfer_between(nets[src], nets[dst], x, y, eps=s["small"])}
+        out["transfer_check"] = transfer
         out["honesty"] = {}
         for name in nets:
             surr = out.get("surrogates", {}).get(name)
@@ -679,14 +662,6 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
                                            out.get("gradients", {}).get(name), transfer.get(name),
                                            out.get("cw_check", {}).get(name))
     return out
-
-
-def _table2_md(reports: list[dict], dataset: str) -> str:
-    reps = [RobustnessReport.from_dict(r) for r in reports]
-    names = [a.name for a in reps[0].attacks]
-    header = ["Training Model", "Benign Acc"] + names
-    body = [[r.model, _pct(float(r.clean.float().mean()))] + [_pct(r.accuracy(a)) for a in names] for r in reps]
-    return markdown_table(header, body)
 
 
 def _transfer_md(tables: dict) -> str:
@@ -764,18 +739,18 @@ def _detection_md(tables: dict) -> str:
 def render_markdown(report: dict) -> str:
     """The report's tables in the paper's layouts (accuracies in %)."""
     ds, n = report["dataset"], report["n"]
-    parts = [f"Dataset {ds}, first {n} test images, budget {report['budget']!r}. Attacks are crafted on the "
-             "summed member logits and judged by the majority vote of top-1 (A.3).\n"]
+    parts = [(f"Dataset {ds}, first {n} test images, budget {report['budget']!r}. Attacks are crafted on the "
+              "summed member logits and judged by the majority vote of top-1 (A.3).\n")]
     if "table2" in report:
-        parts += ["### White-box attacks (Table 2 layout)\n", _table2_md(report["table2"], ds)]
+        parts += ["### White-box attacks (Table 2 layout)\n", _rows_md(report["table2"], "Training Model")]
     if "transfer" in report:
         any_t = next(iter(report["transfer"].values()))
         parts += [f"### PGD-{any_t['steps']} crafted on Model 1, eps {any_t['eps']:g} (Table 4 layout)\n",
                   _transfer_md(report["transfer"])]
     if "table5" in report:
         any_t = next(iter(report["table5"].values()))
-        parts += [f"### Targeted CW-l2, c = {any_t['c']:g}, {any_t['steps']} steps, lr {any_t['lr']:g}, first "
-                  f"{any_t['n']} images (Table 5 layout)\n", _table5_md(report["table5"])]
+        parts += [(f"### Targeted CW-l2, c = {any_t['c']:g}, {any_t['steps']} steps, lr {any_t['lr']:g}, first "
+                   f"{any_t['n']} images (Table 5 layout)\n"), _table5_md(report["table5"])]
     if report.get("table6"):
         for name, reps in report["table6"].items():
             parts += [f"### DML vs R-DML, {name} (Tables 6/9 layout)\n", _rows_md(reps)]
@@ -871,5 +846,6 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
     if "curve" in report:
         plot_curves(report, out_dir / "dml_curve.png")
     log(md)
-    log(f"dml-report: written to {out_dir}/dml_report.{{json,md}}" + (" and dml_curve.png" if "curve" in report else ""))
+    png = " and dml_curve.png" if "curve" in report else ""
+    log(f"dml-report: written to {out_dir}/dml_report.{{json,md}}{png}")
     return report

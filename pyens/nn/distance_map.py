@@ -30,7 +30,8 @@ CENTERS = ("identity", "1d")
 
 
 def _positive(name: str, v, *, allow_zero: bool = False) -> float:
-    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or (allow_zero and v == 0))
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > 0 or (allow_zero and v == 0)))
     if not ok:
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0; got {v!r}")
     return float(v)

@@ -156,4 +156,5 @@ class DMLAT(DML):
         eps = ctx.eps[0]  # the radius after the optional eps warm-up
         with _attack_mode(ctx.net):
             # Members share no parameters: slot m of the summed-loss gradient is member m's own.
-            return mimo_pgd(ctx.net, xm.contiguous(), ym.contiguous(), norms="linf", eps=eps, alpha=eps, steps=1, random_start=False)
+            return mimo_pgd(ctx.net, xm.contiguous(), ym.contiguous(), norms="linf", eps=eps, alpha=eps, steps=1,
+                            random_start=False)
