@@ -212,15 +212,14 @@ def format_table(reports: list[RobustnessReport], *, markdown: bool = False) -> 
     then "All attacks"; one column per model. A dagger marks an attack run on a subset of the
     examples and the unions it makes upper bounds.
     """
-    labels: list[str] = []
-    cells: list[dict[str, str]] = []
-    for r in reports:
-        col = {}
-        for label, acc, partial in r.rows():
-            col[label] = f"{100 * acc:.1f}" + (PARTIAL if partial else "")
-            if label not in labels:
-                labels.append(label)
-        cells.append(col)
+    cells = [{label: f"{100 * acc:.1f}" + (PARTIAL if partial else "") for label, acc, partial in r.rows()}
+             for r in reports]
+    labels = ["Clean accuracy"]  # the Table 4 order over all reports, whatever attacks each one has
+    for g in GROUPS:
+        names = [n for r in reports for n in r.groups().get(g, [])]
+        labels += list(dict.fromkeys(names)) + [GROUP_TITLES[g]]
+    labels.append("All attacks")
+    labels = [label for label in labels if any(label in c for c in cells)]
     header = ["Attack"] + [r.model for r in reports]
     body = [[label] + [c.get(label, "-") for c in cells] for label in labels]
     if markdown:

@@ -142,9 +142,9 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
     report = RobustnessReport(name, torch.zeros(count, dtype=torch.bool), [], meta)
     try:
         (report.clean,) = batched(lambda x, y: [predict_labels(predict, x) == y], count)
+        results = {s.name: done[s.name] for s in specs if id(s) not in run_ids}  # reused, saved from the start
         for spec in specs:
             if id(spec) not in run_ids:
-                report.attacks.append(done[spec.name])
                 continue
             if bar is not None:
                 bar.set_postfix_str(spec.name)
@@ -170,10 +170,12 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
                 attacked = torch.arange(count) < m
                 correct = torch.cat([correct, torch.ones(count - m, dtype=torch.bool)])
                 dist = torch.cat([dist, torch.full((count - m,), torch.inf)])
-            report.attacks.append(AttackResult(spec.name, spec.group, correct, spec.params, time.perf_counter() - t0,
-                                               spec.kind, spec.norm, spec.eps, dist, attacked, spec.note, spec.key))
+            results[spec.name] = AttackResult(spec.name, spec.group, correct, spec.params, time.perf_counter() - t0,
+                                              spec.kind, spec.norm, spec.eps, dist, attacked, spec.note, spec.key)
+            report.attacks = [results[s.name] for s in specs if s.name in results]
             if on_result is not None:
                 on_result(report)
+        report.attacks = [results[s.name] for s in specs]
     finally:
         if bar is not None:
             bar.close()
