@@ -271,7 +271,7 @@ QUICK = {
     "pgd": dict(steps=50, restarts=1, random_start=False),
     "hsj": dict(steps=10, max_gradient_eval_steps=1000),
     "cw_l2": dict(binary_search_steps=5, steps=100, stepsize=0.1),
-    "boundary": dict(steps=1000),
+    "boundary": dict(steps=5000),
     "ead_l1": dict(binary_search_steps=5, steps=300),
     "msd": dict(steps=50),
 }
