@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_lp_step import _device_name, run_benchmark
+from bench.bench_lp_step import _device_name, _pyens_ops, run_benchmark
 from bench.conftest import bench_device
 
 DTYPE = torch.float32
@@ -99,23 +99,13 @@ def cdist_randomized(x, P, centers, noise):
 
 
 # ----------------------------------------------------------------------------- providers
-def _pyens_ops():
-    try:
-        import pyens.ops as ops
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no pyens providers"
-        return None, f"pyens.ops is not importable: {type(exc).__name__}: {exc}"
-    return ops, ""
-
-
 def pyens_providers(device: str) -> list:
+    """pyens backends to time: not triton on the CPU (TRITON_INTERPRET=1 is not a benchmark), not
+    reference (it materialises [B, E, C, N], [T, ...] too: it is the eager composite again)."""
     ops, why = _pyens_ops()
-    if ops is None:
-        return [pytest.param("pyens", marks=pytest.mark.skip(reason=why))]
-    names = [str(b) for b in ops.available_backends("mahalanobis", device=device)]
-    if device == "cpu":
-        names = [b for b in names if b != "triton"]  # TRITON_INTERPRET=1 is not a benchmark
-    # the reference materialises [B, E, C, N] (and [T, ...]): it is the eager composite again
-    return [b for b in names if b != "reference"]
+    skipped = {"reference"} | ({"triton"} if device == "cpu" else set())
+    return ([str(b) for b in ops.available_backends("mahalanobis", device=device) if b not in skipped]
+            if ops is not None else [pytest.param("pyens", marks=pytest.mark.skip(reason=why))])
 
 
 def pytest_generate_tests(metafunc):

@@ -2,16 +2,16 @@
 // The driver (mahalanobis.h) transforms the points with GEMMs, ut[e, :, b] = F_e x_b and
 // v[e, c, :] = F_e c; the kernels here turn those into distances and back into (dut, dv):
 //
-// * N < kGemmMinN (the papers' DMLs, N = 10 or 45): the difference form
+// * N < kGemmMinN (the papers' MNIST/CIFAR DMLs, N = 10): the difference form
 //   sum_n (ut[e, n, b] - v[e, c, n])^2, register-tiled over 32 columns b x 4 centers c and
-//   vectorised over b (the layout [E, N, B] makes b contiguous). No cancellation: x = c
-//   gives exactly sqrt(eps).
-// * N >= kGemmMinN (feature-space DMLs): the expansion ||u||^2 + ||v||^2 - 2 u.v with the
-//   cross term a GEMM (MKL, at::bmm) and a fused epilogue. The expansion cancels when u is
-//   close to v, so every pair with ||u - v||^2 < kClose (||u||^2 + ||v||^2) is recomputed in
-//   the difference form (forward) and kept out of the backward GEMMs (its gradient terms
-//   are added directly); the pairs left to the GEMMs then have a relative error of a few ulp
-//   (docs/mahalanobis.md, "accuracy").
+//   vectorised over b (the layout [E, N, B] makes b contiguous).
+// * N >= kGemmMinN (RESISC-45's N = 45, feature-space DMLs): the expansion
+//   ||u||^2 + ||v||^2 - 2 u.v with the cross term a GEMM (MKL, at::bmm) and a fused
+//   epilogue; the backward's far-pair terms are two GEMMs.
+// * Both: every pair with ||u - v||^2 < kClose (||u||^2 + ||v||^2) is recomputed from the
+//   input-space difference y = F_e (x_b - c), in the forward and in the backward (u and v are
+//   rounded separately, so their difference, let alone the expansion, is inaccurate for pairs
+//   that close in); the others then have a relative error of a few ulp (docs/mahalanobis.md).
 //
 // Work is spread over ATen's intra-op pool (at::parallel_for, OpenMP); the tile loops are
 // compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones) and the loader picks.
@@ -45,8 +45,7 @@ namespace {
 
 constexpr int kB = 32;  // columns b per tile: the vectorised dimension
 constexpr int kC = 4;   // centers (forward, dv) or feature rows (dut) per tile
-constexpr int64_t kGemmMinN = 32;  // measured crossover of the two algorithms (docs/mahalanobis.md)
-constexpr double kClose = 0.25;    // pairs closer than this (relative) avoid the expansion
+constexpr int64_t kGemmMinN = 32;  // crossover of the two algorithms, measured at N = 10, 32, 45, 64
 
 // at::parallel_for with chunks of at least kTaskWork multiply-adds: a small problem runs inline
 // on the calling thread, where an OpenMP region would cost more than it saves (and, on a
@@ -262,31 +261,31 @@ MAHA_ENTRIES(double)
 
 // nu[e, b] = ||ut[e, :, b]||^2 (vectorised over b) and nv[e, c] = ||v[e, c, :]||^2.
 template <typename T>
-std::pair<at::Tensor, at::Tensor> squared_norms(const Shape<T>& s, const at::Tensor& ut, const at::Tensor& v) {
-  at::Tensor nu = at::empty({s.E, s.B}, ut.options()), nv = at::empty({s.E, s.C}, ut.options());
-  const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
-  T *nup = nu.mutable_data_ptr<T>(), *nvp = nv.mutable_data_ptr<T>();
-  parallel(s.E * s.tiles_b(), kB * s.N, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
-      const int64_t nb = std::min<int64_t>(kB, s.B - b0);
-      T acc[kB] = {};
-      for (int64_t n = 0; n < s.N; ++n) {
-        const T* un = up + (e * s.N + n) * s.B + b0;
-        for (int64_t j = 0; j < nb; ++j) acc[j] += un[j] * un[j];
+struct Norms {
+  std::vector<T> nu, nv;
+  Norms(const Shape<T>& s, const at::Tensor& ut, const at::Tensor& v) : nu(s.E * s.B), nv(s.E * s.C) {
+    const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+    parallel(s.E * s.tiles_b(), kB * s.N, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
+        const int64_t nb = std::min<int64_t>(kB, s.B - b0);
+        T acc[kB] = {};
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T* un = up + (e * s.N + n) * s.B + b0;
+          for (int64_t j = 0; j < nb; ++j) acc[j] += un[j] * un[j];
+        }
+        std::copy(acc, acc + nb, nu.data() + e * s.B + b0);
       }
-      std::copy(acc, acc + nb, nup + e * s.B + b0);
-    }
-  });
-  parallel(s.E * s.C, s.N, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      T acc = T(0);
-      for (int64_t n = 0; n < s.N; ++n) acc += vp[r * s.N + n] * vp[r * s.N + n];
-      nvp[r] = acc;
-    }
-  });
-  return {nu, nv};
-}
+    });
+    parallel(s.E * s.C, s.N, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T acc = T(0);
+        for (int64_t n = 0; n < s.N; ++n) acc += vp[r * s.N + n] * vp[r * s.N + n];
+        nv[r] = acc;
+      }
+    });
+  }
+};
 
 // Per-task lists regrouped by member (task t belongs to member t / per_member).
 template <typename T>
@@ -385,9 +384,8 @@ void distances_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p,
                      double scale0, bool accumulate) {
   const Shape<T> s(ut, v);
   const T eps = T(eps0), scale = T(scale0);
-  const std::pair<at::Tensor, at::Tensor> norms = squared_norms<T>(s, ut, v);
-  const at::Tensor &nu = norms.first, &nv = norms.second;
-  const T *nup = nu.const_data_ptr<T>(), *nvp = nv.const_data_ptr<T>();
+  const Norms<T> norms(s, ut, v);
+  const T *nup = norms.nu.data(), *nvp = norms.nv.data();
   T* dp = d.mutable_data_ptr<T>();
   std::vector<Pairs<T>> close;
   int64_t per_member;
@@ -472,10 +470,9 @@ template <typename T>
 void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const Points& p, const at::Tensor& grad,
                               const at::Tensor& d, double scale, at::Tensor& dut, at::Tensor& dv) {
   const Shape<T> s(ut, v);
-  const std::pair<at::Tensor, at::Tensor> norms = squared_norms<T>(s, ut, v);
+  const Norms<T> norms(s, ut, v);
   std::vector<Pairs<T>> close;
-  const at::Tensor w = weights<T>(s, grad, d, T(scale), norms.first.const_data_ptr<T>(),
-                                  norms.second.const_data_ptr<T>(), close);
+  const at::Tensor w = weights<T>(s, grad, d, T(scale), norms.nu.data(), norms.nv.data(), close);
   const auto members = by_member<T>(s.E, s.tiles_b(), close);
   // The far pairs in the transformed space.
   if (s.N >= kGemmMinN) {
@@ -492,9 +489,14 @@ void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const P
     if (dv.defined()) {
       // ut as [E, B, Np] and v as [E, C, Np], zero-padded: the padding adds 0 to the dropped columns.
       const int64_t Np = (s.N + kNPad - 1) / kNPad * kNPad;
-      const at::Tensor u = at::constant_pad_nd(ut.transpose(1, 2), {0, Np - s.N}).contiguous();
-      const at::Tensor vpad = at::constant_pad_nd(v, {0, Np - s.N}).contiguous();
-      const T *ubp = u.const_data_ptr<T>(), *vpp = vpad.const_data_ptr<T>();
+      std::vector<T> u(s.E * s.B * Np, T(0)), vpad(s.E * s.C * Np, T(0));
+      for (int64_t e = 0; e < s.E; ++e)
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T* row = up + (e * s.N + n) * s.B;
+          for (int64_t b = 0; b < s.B; ++b) u[(e * s.B + b) * Np + n] = row[b];
+        }
+      for (int64_t r = 0; r < s.E * s.C; ++r) std::copy(vp + r * s.N, vp + (r + 1) * s.N, vpad.data() + r * Np);
+      const T *ubp = u.data(), *vpp = vpad.data();
       T* out = dv.mutable_data_ptr<T>();
       parallel(s.E * ((s.C + kC - 1) / kC), kC * s.B * Np,
                [&](int64_t begin, int64_t end) { dv_range(s, ubp, vpp, Np, wp, out, begin, end); });
@@ -552,42 +554,8 @@ void perturb_cpu(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at:
   });
 }
 
-const Kernels kCpu{&distances_cpu, &distances_backward_cpu, &perturb_cpu};
-
-void check_cpu(const char* fn, const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), fn, " (cpu): x must be a CPU tensor, got ", x.device());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, const at::Tensor& P,
-                                                       const at::Tensor& c, int64_t form, double eps) {
-  check_cpu("mahalanobis", x);
-  return forward(kCpu, x, P, c, form, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                       const at::Tensor& P, const at::Tensor& c,
-                                                       const at::Tensor& d, const at::Tensor& ut,
-                                                       const at::Tensor& v, int64_t form, double eps,
-                                                       std::array<bool, 3> needs) {
-  check_cpu("mahalanobis_backward", x);
-  return backward(kCpu, grad, x, P, c, d, ut, v, form, eps, needs);
-}
-
-at::Tensor rfwd_cpu(const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
-                    const std::optional<at::Tensor>& noise, int64_t seed, int64_t samples, double sigma,
-                    int64_t form, double eps) {
-  check_cpu("randomized_mahalanobis", x);
-  return randomized_forward(kCpu, x, P, c, noise, seed, samples, sigma, form, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rbwd_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                        const at::Tensor& P, const at::Tensor& c,
-                                                        const std::optional<at::Tensor>& noise, int64_t seed,
-                                                        int64_t samples, double sigma, int64_t form, double eps,
-                                                        std::array<bool, 3> needs) {
-  check_cpu("randomized_mahalanobis_backward", x);
-  return randomized_backward(kCpu, grad, x, P, c, noise, seed, samples, sigma, form, eps, needs);
-}
+const Kernels kCpu{&distances_cpu, &distances_backward_cpu, &perturb_cpu, at::kCPU};
+using Ops = Entries<kCpu, NoGuard>;
 
 at::Tensor noise_cpu(const at::Tensor& like, int64_t seed, at::IntArrayRef shape) {
   TORCH_CHECK(seed >= 0, "mahalanobis_noise: seed must be >= 0, got ", seed);
@@ -669,11 +637,7 @@ TORCH_LIBRARY_FRAGMENT(pyens_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(pyens_C, CPU, m) {
-  m.impl("mahalanobis_fwd", &fwd_cpu);
-  m.impl("mahalanobis_bwd", &bwd_cpu);
-  m.impl("rmahalanobis_fwd", &rfwd_cpu);
-  m.impl("rmahalanobis_bwd", &rbwd_cpu);
-  m.impl("mahalanobis_noise", &noise_cpu);
+  Ops::impl(m, &noise_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pyens_C, Autograd, m) { m.impl("mahalanobis_fwd", &fwd_autograd); }

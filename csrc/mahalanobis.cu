@@ -205,46 +205,8 @@ void perturb_cuda(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at
   });
 }
 
-const Kernels kCuda{&distances_cuda, &distances_backward_cuda, &perturb_cuda};
-
-void check_cuda(const char* fn, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), fn, " (cuda): x must be a CUDA tensor, got ", x.device());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& x, const at::Tensor& P,
-                                                        const at::Tensor& c, int64_t form, double eps) {
-  check_cuda("mahalanobis", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return forward(kCuda, x, P, c, form, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                        const at::Tensor& P, const at::Tensor& c,
-                                                        const at::Tensor& d, const at::Tensor& ut,
-                                                        const at::Tensor& v, int64_t form, double eps,
-                                                        std::array<bool, 3> needs) {
-  check_cuda("mahalanobis_backward", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return backward(kCuda, grad, x, P, c, d, ut, v, form, eps, needs);
-}
-
-at::Tensor rfwd_cuda(const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
-                     const std::optional<at::Tensor>& noise, int64_t seed, int64_t samples, double sigma,
-                     int64_t form, double eps) {
-  check_cuda("randomized_mahalanobis", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return randomized_forward(kCuda, x, P, c, noise, seed, samples, sigma, form, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rbwd_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                         const at::Tensor& P, const at::Tensor& c,
-                                                         const std::optional<at::Tensor>& noise, int64_t seed,
-                                                         int64_t samples, double sigma, int64_t form, double eps,
-                                                         std::array<bool, 3> needs) {
-  check_cuda("randomized_mahalanobis_backward", x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return randomized_backward(kCuda, grad, x, P, c, noise, seed, samples, sigma, form, eps, needs);
-}
+const Kernels kCuda{&distances_cuda, &distances_backward_cuda, &perturb_cuda, at::kCUDA};
+using Ops = Entries<kCuda, c10::cuda::CUDAGuard>;
 
 at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, at::IntArrayRef shape) {
   TORCH_CHECK(seed >= 0, "mahalanobis_noise: seed must be >= 0, got ", seed);
@@ -257,11 +219,7 @@ at::Tensor noise_cuda(const at::Tensor& like, int64_t seed, at::IntArrayRef shap
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyens_C, CUDA, m) {
-  m.impl("mahalanobis_fwd", &fwd_cuda);
-  m.impl("mahalanobis_bwd", &bwd_cuda);
-  m.impl("rmahalanobis_fwd", &rfwd_cuda);
-  m.impl("rmahalanobis_bwd", &rbwd_cuda);
-  m.impl("mahalanobis_noise", &noise_cuda);
+  Ops::impl(m, &noise_cuda);
 }
 
 }  // namespace maha

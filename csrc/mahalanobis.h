@@ -22,6 +22,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cstdint>
@@ -235,6 +236,7 @@ struct Kernels {
                              const at::Tensor& d, double scale, at::Tensor& dut, at::Tensor& dv);
   // out = F + sigma * Z[t] (Z the seed's noise of shape [samples, E, N, N]).
   void (*perturb)(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at::Tensor& out);
+  at::DeviceType device;  // where these kernels run
 };
 
 // ---- close pairs with ATen ops (any device; the CUDA backend's refinement)
@@ -506,6 +508,60 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_backward(
   if (needs[2] && !out.dc.defined()) out.dc = at::zeros_like(a.c);
   return finish_grads(out, x0, P0, c0, needs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// the op entry points of one device: its kernels K and a device guard (CUDA's, or NoGuard)
+
+struct NoGuard {
+  explicit NoGuard(at::Device) {}
+};
+
+template <const Kernels& K, typename Guard>
+struct Entries {
+  static void check(const char* fn, const at::Tensor& x) {
+    TORCH_CHECK(x.device().type() == K.device, fn, " (", K.device, "): x must be a ", K.device, " tensor, got ",
+                x.device());
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& P,
+                                                            const at::Tensor& c, int64_t form, double eps) {
+    check("mahalanobis", x);
+    const Guard guard(x.device());
+    return forward(K, x, P, c, form, eps);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& P, const at::Tensor& c,
+                                                            const at::Tensor& d, const at::Tensor& ut,
+                                                            const at::Tensor& v, int64_t form, double eps,
+                                                            std::array<bool, 3> needs) {
+    check("mahalanobis_backward", x);
+    const Guard guard(x.device());
+    return backward(K, grad, x, P, c, d, ut, v, form, eps, needs);
+  }
+  static at::Tensor rfwd(const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
+                         const std::optional<at::Tensor>& noise, int64_t seed, int64_t samples, double sigma,
+                         int64_t form, double eps) {
+    check("randomized_mahalanobis", x);
+    const Guard guard(x.device());
+    return randomized_forward(K, x, P, c, noise, seed, samples, sigma, form, eps);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> rbwd(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& P, const at::Tensor& c,
+                                                             const std::optional<at::Tensor>& noise, int64_t seed,
+                                                             int64_t samples, double sigma, int64_t form,
+                                                             double eps, std::array<bool, 3> needs) {
+    check("randomized_mahalanobis_backward", x);
+    const Guard guard(x.device());
+    return randomized_backward(K, grad, x, P, c, noise, seed, samples, sigma, form, eps, needs);
+  }
+  // TORCH_LIBRARY_IMPL body: these entries plus the device's noise generator.
+  static void impl(torch::Library& m, at::Tensor (*noise)(const at::Tensor&, int64_t, at::IntArrayRef)) {
+    m.impl("mahalanobis_fwd", &fwd);
+    m.impl("mahalanobis_bwd", &bwd);
+    m.impl("rmahalanobis_fwd", &rfwd);
+    m.impl("rmahalanobis_bwd", &rbwd);
+    m.impl("mahalanobis_noise", noise);
+  }
+};
 
 }  // namespace maha
 }  // namespace pyens
