@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyens.eval import CATALOGUE, AttackSpec, catalogue, evaluate, lp_norm, targets
+from pyens.eval import CATALOGUE, AttackSpec, RobustnessReport, catalogue, evaluate, lp_norm, targets
 from pyens.eval.catalogue import MINIMUM_NORM, preset_params
 from tests.eval_helpers import linear, one_thread  # noqa: F401 (autouse fixture)
 
@@ -91,6 +91,12 @@ def test_evaluate_subset_resume_and_progress(tiny):
     spy = AttackSpec(specs[0].name, "linf", lambda m: calls.append(1), specs[0].params, "linf", 0.3, n=None)
     again = evaluate(model, (x, y), attacks=[spy, specs[1]], n=8, batch_size=4, progress=False, resume=rep)
     assert not calls and again.accuracies() == rep.accuracies()  # both reused, nothing re-run
+    (msd,) = catalogue("quick", "mnist", only=["msd"], params={"msd": TINY["msd"]})  # tuple parameters
+    first = evaluate(model, (x, y), attacks=[msd], n=8, progress=False)
+    read_back = RobustnessReport.from_json(first.to_json())
+    spy = AttackSpec(msd.name, "other", lambda m: calls.append(1), msd.params)
+    evaluate(model, (x, y), attacks=[spy], n=8, progress=False, resume=read_back)
+    assert not calls
 
 
 def _members(k=3):

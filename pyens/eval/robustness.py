@@ -1,6 +1,7 @@
 """``pyens.evaluate``: run the attack catalogue on a model, batched, and report per example."""
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -74,9 +75,11 @@ def resolve_attacks(attacks, dataset: str) -> list[AttackSpec]:
 
 
 def _same(a: AttackResult, spec: AttackSpec, n: int) -> bool:
+    """``a`` (possibly read back from JSON, where tuples became lists) is ``spec``'s result."""
     want = None if spec.n is None or spec.n >= n else spec.n
     have = None if a.attacked is None else int(a.attacked.sum())
-    return a.name == spec.name and a.params == spec.params and want == have
+    as_json = lambda p: json.loads(json.dumps(p))  # noqa: E731
+    return a.name == spec.name and as_json(a.params) == as_json(spec.params) and want == have
 
 
 def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper", n: int = 1000,
