@@ -114,6 +114,9 @@ def _per_epoch(histories: dict[str, list[dict]], key: str, sub: str | None = Non
 
 def _member_lines(ax, histories: dict[str, list[dict]], key: str, sub: str | None, norms) -> None:
     """One line per (model, member) of a per-member metric along the epochs."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for label, epochs, values in _per_epoch(histories, key, sub):
         for m in range(len(values[0])):
             name = f"member {m + 1}" + (f" ({norms[m]})" if norms and m < len(norms) else "")

@@ -169,18 +169,28 @@ def evaluate_run(run_dir: str | Path, *, attacks="quick", n: int = 1000, batch_s
     return report
 
 
+def _saved(path: Path):
+    """A saved JSON: plain, or as the report's cache writes it (``{"key", "value"}``); None if absent."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return d["value"] if isinstance(d, dict) and set(d) == {"key", "value"} else d
+
+
 def _from_saved(run_dir: Path) -> RunResults:
-    """A directory with a saved evaluation and no checkpoint: report what it holds."""
+    """A directory with a saved evaluation and no checkpoint (e.g. ``OUT/data/<run>`` of an earlier
+    report): report what it holds (``eval.json``, and ``curves.json``, ``transfer.json``,
+    ``cosine.json`` if there)."""
     report = RobustnessReport.from_json(run_dir / "eval.json")
     report.model = run_dir.name
-    curves = Curves.from_dict(json.loads((run_dir / "curves.json").read_text())) \
-        if (run_dir / "curves.json").exists() else None
-    transfers = [TransferReport.from_dict(t) for t in json.loads((run_dir / "transfer.json").read_text())] \
-        if (run_dir / "transfer.json").exists() else []
+    curves, transfers = _saved(run_dir / "curves.json"), _saved(run_dir / "transfer.json") or []
     res = RunResults(run_dir.name, run_dir, {"method": report.meta.get("method", "?"),
-                                             "norms": report.meta.get("norms", [])},
-                     report, curves, transfers, history=read_metrics(run_dir))
-    res.checks = run_checks(report, curves, transfers)
+                                             "model": report.meta.get("model", "?"),
+                                             "norms": report.meta.get("norms", []),
+                                             "epochs": report.meta.get("epochs", "-")},
+                     report, curves and Curves.from_dict(curves), [TransferReport.from_dict(t) for t in transfers],
+                     _saved(run_dir / "cosine.json"), read_metrics(run_dir))
+    res.checks = run_checks(report, res.curves, res.transfers)
     return res
 
 
@@ -283,19 +293,26 @@ def _seconds_table(results: list[RunResults]) -> str:
 
 def _checks_table(results: list[RunResults]) -> str:
     names = [c.name for c in results[0].checks]
-    body = [[n] + [next(c.verdict for c in r.checks if c.name == n) for r in results] for n in names]
+    cell = lambda c: c.verdict + ("" if c.value is None else f" ({100 * c.value:.1f}%)")  # noqa: E731
+    body = [[n] + [next(cell(c) for c in r.checks if c.name == n) for r in results] for n in names]
     body.append(["**verdict**"] + [f"**{MASKING}**" if flagged(r.checks) else "no sign of gradient masking"
                                    for r in results])
     return markdown_table(["Sanity check"] + [r.label for r in results], body)
 
 
 def _check_details(results: list[RunResults]) -> list[str]:
-    lines = []
+    """What each check compares (once), then every failure with what fired it."""
+    lines, seen = ["What each check compares:", ""], set()
     for r in results:
         for c in r.checks:
-            status = c.verdict
-            lines.append(f"- **{r.label}**, {c.name}: {status}. {c.detail}.")
-            lines += [f"  - {v}" for v in c.violations]
+            if c.passed is not None and c.name not in seen:
+                seen.add(c.name)
+                lines.append(f"- {c.name}: {c.detail}.")
+    failures = [(r, c) for r in results for c in r.checks if c.passed is False]
+    lines += ["", "Failures:" if failures else "No check failed.", ""]
+    for r, c in failures:
+        lines.append(f"- **{r.label}**, {c.name}:")
+        lines += [f"  - {v}" for v in c.violations]
     return lines
 
 
