@@ -28,7 +28,6 @@ every row needs its projection).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import pytest
 import torch
 
 from bench import peers
+from bench._env import device_name
 from bench.conftest import bench_device
 
 NORMS = ("linf", "l2", "l1")
@@ -172,15 +172,7 @@ def make_inputs(dims, norms, eps, device, seed=0):
 
 
 def _device_name(device) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{device_name(torch.device(device))[:-1]}, {torch.get_num_threads()} threads)"
 
 
 def _call(fn, device):
