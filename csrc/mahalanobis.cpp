@@ -124,9 +124,10 @@ MAHA_INLINE void distance_tiles(const Shape<T>& s, const T* ut, const T* v, cons
       T nuj[kB], r[kC][kB];
       for (int j = 0; j < kB; ++j) nuj[j] = j < nb ? nub[j] : T(0);
       const T keep = accumulate ? T(0) : T(1);
-      int any_close = 0;
+      const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
       for (int k = 0; k < kC; ++k) {
         const T nvc = nv[e * s.C + std::min(c0 + k, s.C - 1)];
+        int any_close = 0;
 #pragma omp simd reduction(| : any_close)
         for (int j = 0; j < kB; ++j) {
           const T q = acc[k][j], root = std::sqrt(q + eps);
@@ -134,13 +135,10 @@ MAHA_INLINE void distance_tiles(const Shape<T>& s, const T* ut, const T* v, cons
           r[k][j] = close_pair ? keep * root : root;
           any_close |= close_pair;
         }
-      }
-      const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
-      if (any_close)
-        for (int k = 0; k < nc; ++k)
+        if (any_close && k < nc)  // rare: scan this center's row
           for (int j = 0; j < nb; ++j)
-            if (acc[k][j] < T(kClose) * (nub[j] + nv[e * s.C + c0 + k]))
-              close[task].push_back({b0 + j, c0 + k, T(0)});
+            if (acc[k][j] < T(kClose) * (nuj[j] + nvc)) close[task].push_back({b0 + j, c0 + k, T(0)});
+      }
       for (int j = 0; j < nb; ++j) {
         T* o = d + s.out(b0 + j, e, c0);  // nc consecutive centers
         for (int k = 0; k < nc; ++k) o[k] = accumulate ? o[k] + scale * r[k][j] : r[k][j];
@@ -237,6 +235,49 @@ MAHA_INLINE void dv_tiles_any(const Shape<T>& s, const T* u, const T* vp, int64_
   }
 }
 
+// The weights of b-tiles [begin, end) (see weights() below).
+template <typename T>
+MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
+                              Pairs<T>* close, int64_t begin, int64_t end) {
+  const int64_t EC = s.E * s.C, tiles = s.tiles_b();
+  std::vector<T> tw(EC * kB), td(EC * kB), wT(EC * kB), dT(EC * kB);  // the tile's w, d: [b][e, c], [e, c][b]
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* g = gp + (b0 + j) * EC;
+      const T* dd = dp + (b0 + j) * EC;
+      T* row = tw.data() + j * EC;
+      // Branch-free loops (a guarded division does not vectorise).
+      for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
+      for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
+      std::copy(dd, dd + EC, td.data() + j * EC);
+    }
+    // Transposed (plain copies), then the close-pair test vectorised over b.
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t i = 0; i < EC; ++i) {
+        wT[i * kB + j] = tw[j * EC + i];
+        dT[i * kB + j] = td[j * EC + i];
+      }
+    for (int64_t i = 0; i < EC; ++i) {
+      const T* nue = nu + (i / s.C) * s.B + b0;
+      const T nvi = nv[i];
+      const T *wi = wT.data() + i * kB, *di = dT.data() + i * kB;
+      T* out = wp + i * s.B + b0;
+      int any_close = 0;
+#pragma omp simd reduction(| : any_close)
+      for (int64_t j = 0; j < nb; ++j) {
+        const int close_pair = di[j] * di[j] < T(kClose) * (nue[j] + nvi);
+        out[j] = close_pair ? T(0) : wi[j];
+        any_close |= close_pair;
+      }
+      if (any_close)  // rare
+        for (int64_t j = 0; j < nb; ++j)
+          if (di[j] * di[j] < T(kClose) * (nue[j] + nvi) && wi[j] != T(0))
+            close[(i / s.C) * tiles + t].push_back({b0 + j, i % s.C, wi[j]});
+    }
+  }
+}
+
 // target_clones cannot decorate a template: one macro stamps out the float and double entries.
 #define MAHA_ENTRIES(T)                                                                             \
   MAHA_CLONES void distance_range(const Shape<T>& s, const T* ut, const T* v, const T* nu,          \
@@ -251,6 +292,10 @@ MAHA_INLINE void dv_tiles_any(const Shape<T>& s, const T* u, const T* vp, int64_
   MAHA_CLONES void dv_range(const Shape<T>& s, const T* u, const T* vp, int64_t Np, const T* w,     \
                             T* dv, int64_t begin, int64_t end) {                                    \
     dv_tiles_any<T>(s, u, vp, Np, w, dv, begin, end);                                               \
+  }                                                                                                 \
+  MAHA_CLONES void weight_range(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu,  \
+                                const T* nv, T* wp, Pairs<T>* close, int64_t begin, int64_t end) {  \
+    weight_tiles<T>(s, gp, dp, scale, nu, nv, wp, close, begin, end);                               \
   }
 MAHA_ENTRIES(float)
 MAHA_ENTRIES(double)
@@ -433,35 +478,9 @@ at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& 
   at::Tensor w = at::empty({s.E, s.C, s.B}, grad.options());
   const T *gp = grad.const_data_ptr<T>(), *dp = d.const_data_ptr<T>();
   T* wp = w.mutable_data_ptr<T>();
-  const int64_t EC = s.E * s.C, tiles = s.tiles_b();
-  close.assign(s.E * tiles, {});
-  parallel(tiles, kB * EC, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(EC * kB), thr(EC);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t b = b0 + j;
-        const T* g = gp + b * EC;
-        const T* dd = dp + b * EC;
-        T* row = tile.data() + j * EC;
-        // Branch-free loops (a guarded division does not vectorise).
-        for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
-        for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
-        for (int64_t e = 0; e < s.E; ++e)
-          for (int64_t c = 0; c < s.C; ++c) thr[e * s.C + c] = T(kClose) * (nu[e * s.B + b] + nv[e * s.C + c]);
-        int any_close = 0;
-#pragma omp simd reduction(| : any_close)
-        for (int64_t i = 0; i < EC; ++i) any_close |= static_cast<int>(dd[i] * dd[i] < thr[i]);
-        if (any_close)
-          for (int64_t i = 0; i < EC; ++i)
-            if (dd[i] * dd[i] < thr[i]) {
-              if (row[i] != T(0)) close[(i / s.C) * tiles + t].push_back({b, i % s.C, row[i]});
-              row[i] = T(0);
-            }
-      }
-      for (int64_t i = 0; i < EC; ++i)
-        for (int64_t j = 0; j < nb; ++j) wp[i * s.B + b0 + j] = tile[j * EC + i];
-    }
+  close.assign(s.E * s.tiles_b(), {});
+  parallel(s.tiles_b(), kB * s.E * s.C, [&](int64_t begin, int64_t end) {
+    weight_range(s, gp, dp, scale, nu, nv, wp, close.data(), begin, end);
   });
   return w;
 }

@@ -221,7 +221,7 @@ struct Points {
 // difference: u and v are rounded separately, so in the transformed space their difference
 // (and, worse, the expansion ||u||^2 + ||v||^2 - 2 u.v) loses accuracy as the pair closes in.
 // Every other pair then has a relative error of a few ulp (docs/mahalanobis.md).
-constexpr double kClose = 0.25;
+constexpr double kClose = 0.0625;
 
 struct Kernels {
   // d[b, e, c] = sqrt(||ut[e, :, b] - v[e, c, :]||^2 + eps), or d += scale * that (accumulate),

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from pyens.reference.mahalanobis import DIAG, TRIL, acc_dtype, dense_factor, transformed
 
-CLOSE = 0.25  # kClose of csrc/mahalanobis.h: pairs closer than this (relative) are recomputed
+CLOSE = 0.0625  # kClose of csrc/mahalanobis.h: pairs closer than this (relative) are recomputed
 
 __all__ = ["forward", "backward", "rforward", "rbackward", "noise"]
 

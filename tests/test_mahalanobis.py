@@ -547,3 +547,13 @@ def test_backends_report_and_required_backends():
         x, P, c = _good()
         with use_backend("cuda"), pytest.raises(pyens.ops.BackendUnavailableError, match="backend 'cuda' was forced"):
             mahalanobis(x, P, c)
+
+
+def test_close_pair_threshold_is_shared():
+    """The Triton driver recomputes the same pairs as the compiled backends (csrc/mahalanobis.h)."""
+    import re
+    from pathlib import Path
+
+    kernels = pytest.importorskip("pyens.kernels.mahalanobis")
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "mahalanobis.h").read_text()
+    assert float(re.search(r"constexpr double kClose = ([0-9.]+);", header).group(1)) == kernels.CLOSE
