@@ -145,17 +145,20 @@ def plot_disagreement(histories: dict[str, list[dict]], path: str | Path, norms=
     return _save(fig, path)
 
 
-def plot_cosine(cosines: dict[str, dict], path: str | Path) -> Path:
+def plot_cosine(cosines: dict[str, dict], path: str | Path, norms: dict[str, list] | None = None) -> Path:
     """DML Figs. 9-11: per model (rows), histograms of the per-example cosine similarity of two
-    members' input gradients (left) and of their signs (right), one colour per member pair."""
+    members' input gradients (left) and of their signs (right), one colour per member pair
+    (``norms``: per model, the members' training norms for the legend)."""
     plt = _pyplot()
     rows = max(len(cosines), 1)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows), squeeze=False)
     for r, (label, cos) in enumerate(cosines.items()):
-        for c, (key, what) in enumerate((("grad", "gradients"), ("sign", "gradient signs"))):
+        names = (norms or {}).get(label) or []
+        tag = lambda i: f"{i + 1}" + (f" ({names[i]})" if i < len(names) else "")  # noqa: E731
+        for c, (key, what) in enumerate((("grad", "input gradients"), ("sign", "signs of the input gradients"))):
             ax = axes[r][c]
             for (i, j), values in zip(cos["pairs"], cos[key]):
-                ax.hist(list(values), bins=40, range=(-1, 1), alpha=0.55, label=f"members {i + 1}-{j + 1}")
-            _decorate(ax, f"{label}: cosine similarity of the members' input {what}", "cosine similarity",
-                      "examples")
+                ax.hist(list(values), bins=40, range=(-1, 1), alpha=0.55, label=f"members {tag(i)} - {tag(j)}")
+            _decorate(ax, f"{label}: {what}", "cosine similarity between two members", "examples")
+    fig.suptitle("Cosine similarity of the members' input gradients, per example (DML paper Figs. 9-11)")
     return _save(fig, path)

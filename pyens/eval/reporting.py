@@ -458,7 +458,8 @@ def report_runs(run_dirs, out: str | Path, settings: Settings | None = None, *, 
         figures["disagreement"] = plots.plot_disagreement(histories, out / "disagreement.png", norms).name
     cos = {r.label: r.cosine for r in results if r.cosine}
     if cos:
-        figures["cosine"] = plots.plot_cosine(cos, out / "gradient_cosine.png").name
+        figures["cosine"] = plots.plot_cosine(cos, out / "gradient_cosine.png",
+                                              {r.label: r.config.get("norms") for r in results}).name
     for r in results:
         (out / "data" / r.name).mkdir(parents=True, exist_ok=True)
         (out / "data" / r.name / "checks.json").write_text(json.dumps([c.to_dict() for c in r.checks], indent=1))
