@@ -50,7 +50,7 @@ constexpr int64_t kGemmMinN = 32;  // crossover of the two algorithms, measured 
 // at::parallel_for with chunks of at least kTaskWork multiply-adds: a small problem runs inline
 // on the calling thread, where an OpenMP region would cost more than it saves (and, on a
 // machine busy with other work, can wait a whole scheduler slice for its second thread).
-constexpr int64_t kTaskWork = int64_t{1} << 17;
+constexpr int64_t kTaskWork = int64_t{1} << 18;
 template <typename Fn>
 void parallel(int64_t tasks, int64_t work_per_task, const Fn& fn) {
   at::parallel_for(0, tasks, std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work_per_task, 1)), fn);
@@ -278,6 +278,50 @@ MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T sca
   }
 }
 
+// Small-N loops (see small_transform / small_grads): ut[e, i, :] = sum_j F[e, i, j] xt[m, j, :];
+// dxt[m, j, :] += F[e, i, j] dut[e, i, :]; dF[e, i, j] = dut[e, i, :] . xt[m, j, :], vectorised over b.
+template <typename T>
+MAHA_INLINE void small_transform_loops(const T* F, const T* xt, T* ut, int64_t E, int64_t N, int64_t B,
+                                       bool member) {
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < N; ++i) {
+      T* out = ut + (e * N + i) * B;
+      for (int64_t j = 0; j < N; ++j) {
+        const T f = F[(e * N + i) * N + j];
+        const T* xr = xt + ((member ? e : 0) * N + j) * B;
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) out[b] += f * xr[b];
+      }
+    }
+}
+
+template <typename T>
+MAHA_INLINE void small_dx_loops(const T* F, const T* dut, T* dxt, int64_t E, int64_t N, int64_t B, bool member) {
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const T f = F[(e * N + i) * N + j];
+        const T* src = dut + (e * N + i) * B;
+        T* dst = dxt + ((member ? e : 0) * N + j) * B;
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) dst[b] += f * src[b];
+      }
+}
+
+template <typename T>
+MAHA_INLINE void small_dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int64_t N, int64_t B, bool member) {
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const T* a = dut + (e * N + i) * B;
+        const T* xr = xt + ((member ? e : 0) * N + j) * B;
+        T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t b = 0; b < B; ++b) acc += a[b] * xr[b];
+        dF[(e * N + i) * N + j] = acc;
+      }
+}
+
 // target_clones cannot decorate a template: one macro stamps out the float and double entries.
 #define MAHA_ENTRIES(T)                                                                             \
   MAHA_CLONES void distance_range(const Shape<T>& s, const T* ut, const T* v, const T* nu,          \
@@ -296,6 +340,18 @@ MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T sca
   MAHA_CLONES void weight_range(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu,  \
                                 const T* nv, T* wp, Pairs<T>* close, int64_t begin, int64_t end) {  \
     weight_tiles<T>(s, gp, dp, scale, nu, nv, wp, close, begin, end);                               \
+  }                                                                                                 \
+  MAHA_CLONES void transform_loops(const T* F, const T* xt, T* ut, int64_t E, int64_t N, int64_t B, \
+                                   bool member) {                                                   \
+    small_transform_loops<T>(F, xt, ut, E, N, B, member);                                           \
+  }                                                                                                 \
+  MAHA_CLONES void dx_loops(const T* F, const T* dut, T* dxt, int64_t E, int64_t N, int64_t B,      \
+                            bool member) {                                                          \
+    small_dx_loops<T>(F, dut, dxt, E, N, B, member);                                                \
+  }                                                                                                 \
+  MAHA_CLONES void dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int64_t N, int64_t B,      \
+                            bool member) {                                                          \
+    small_dF_loops<T>(dut, xt, dF, E, N, B, member);                                                \
   }
 MAHA_ENTRIES(float)
 MAHA_ENTRIES(double)
@@ -546,6 +602,102 @@ void distances_backward_cpu(const at::Tensor& ut, const at::Tensor& v, const Poi
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// small N: the transforms and gradient products as loops (MKL's per-call cost, ~10 us with two
+// threads, was most of the op at the papers' N = 10)
+
+// x transposed to [m][j][b] (m: member for a per-member x, else one), b contiguous.
+template <typename T>
+std::vector<T> x_transposed(const at::Tensor& x, int64_t E, int64_t N) {
+  const int64_t B = x.size(0), M = x.dim() == 3 ? E : 1;
+  const T* xp = x.const_data_ptr<T>();
+  std::vector<T> xt(M * N * B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < N; ++j) xt[(m * N + j) * B + b] = xp[(b * M + m) * N + j];
+  return xt;
+}
+
+template <typename T>
+std::pair<at::Tensor, at::Tensor> small_transform(const Points& p) {
+  const int64_t E = p.F.size(0), N = p.F.size(1), B = p.x.size(0), C = p.c.size(1);
+  const bool member = p.x.dim() == 3;
+  at::Tensor ut = at::zeros({E, N, B}, p.x.options()), v = at::empty({E, C, N}, p.x.options());
+  const std::vector<T> xt = x_transposed<T>(p.x, E, N);
+  const T *F = p.F.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
+  T* vp = v.mutable_data_ptr<T>();
+  transform_loops(F, xt.data(), ut.mutable_data_ptr<T>(), E, N, B, member);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) {
+        T acc = T(0);
+        for (int64_t j = 0; j < N; ++j) acc += F[(e * N + i) * N + j] * cp[(e * C + c) * N + j];
+        vp[(e * C + c) * N + i] = acc;
+      }
+  return {ut, v};
+}
+
+// dx = F^T dut (summed over members for a shared x), dF = dut x^T + dv^T c, dc = dv F.
+template <typename T>
+void small_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, const std::array<bool, 3>& needs,
+                 Grads& g) {
+  const int64_t E = p.F.size(0), N = p.F.size(1), B = p.x.size(0), C = p.c.size(1);
+  const bool member = p.x.dim() == 3;
+  const int64_t M = member ? E : 1;
+  const T *F = p.F.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
+  const T* du = dut.defined() ? dut.const_data_ptr<T>() : nullptr;
+  const T* dvp = dv.defined() ? dv.const_data_ptr<T>() : nullptr;
+  if (needs[0]) {
+    std::vector<T> dxt(M * N * B, T(0));  // [m][j][b]
+    dx_loops(F, du, dxt.data(), E, N, B, member);
+    at::Tensor dx = at::empty(p.x.sizes(), p.x.options());
+    T* dxp = dx.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < N; ++j) dxp[(b * M + m) * N + j] = dxt[(m * N + j) * B + b];
+    g.add(g.dx, dx);
+  }
+  if (needs[1]) {
+    const std::vector<T> xt = x_transposed<T>(p.x, E, N);
+    at::Tensor dF = at::empty({E, N, N}, p.x.options());
+    T* dFp = dF.mutable_data_ptr<T>();
+    dF_loops(du, xt.data(), dFp, E, N, B, member);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < N; ++i) {
+          const T w = dvp[(e * C + c) * N + i];
+          for (int64_t j = 0; j < N; ++j) dFp[(e * N + i) * N + j] += w * cp[(e * C + c) * N + j];
+        }
+    g.add(g.dF, dF);
+  }
+  if (needs[2]) {
+    at::Tensor dc = at::zeros({E, C, N}, p.x.options());
+    T* dcp = dc.mutable_data_ptr<T>();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < N; ++i) {
+          const T w = dvp[(e * C + c) * N + i];
+          for (int64_t j = 0; j < N; ++j) dcp[(e * C + c) * N + j] += w * F[(e * N + i) * N + j];
+        }
+    g.add(g.dc, dc);
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> transform_cpu(const Points& p) {
+  if (p.diag || p.F.size(-1) >= kGemmMinN) return transform(p);
+  std::pair<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "mahalanobis_transform_cpu",
+                             [&] { out = small_transform<scalar_t>(p); });
+  return out;
+}
+
+void grads_cpu(const Points& p, const at::Tensor& dut, const at::Tensor& dv, const std::array<bool, 3>& needs,
+               Grads& g) {
+  if (p.F.size(-1) >= kGemmMinN) return dense_grads(p.x, p.F, p.c, dut, dv, needs, g);
+  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "mahalanobis_grads_cpu",
+                             [&] { small_grads<scalar_t>(p, dut, dv, needs, g); });
+}
+
 // f(i, z) for the flat noise indices i in [begin, end) (counter q covers 4q .. 4q + 3).
 template <typename Fn>
 void for_each_normal(uint64_t seed, int64_t begin, int64_t end, Fn&& f) {
@@ -573,7 +725,7 @@ void perturb_cpu(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at:
   });
 }
 
-const Kernels kCpu{&distances_cpu, &distances_backward_cpu, &perturb_cpu, at::kCPU};
+const Kernels kCpu{&distances_cpu, &distances_backward_cpu, &perturb_cpu, at::kCPU, &transform_cpu, &grads_cpu};
 using Ops = Entries<kCpu, NoGuard>;
 
 at::Tensor noise_cpu(const at::Tensor& like, int64_t seed, at::IntArrayRef shape) {

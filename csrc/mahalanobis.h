@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -223,6 +224,8 @@ struct Points {
 // Every other pair then has a relative error of a few ulp (docs/mahalanobis.md).
 constexpr double kClose = 0.0625;
 
+struct Grads;
+
 struct Kernels {
   // d[b, e, c] = sqrt(||ut[e, :, b] - v[e, c, :]||^2 + eps), or d += scale * that (accumulate),
   // close pairs from the difference F (x_b - c). d is [B, E, C] contiguous; ut, v contiguous
@@ -237,6 +240,11 @@ struct Kernels {
   // out = F + sigma * Z[t] (Z the seed's noise of shape [samples, E, N, N]).
   void (*perturb)(const at::Tensor& F, int64_t seed, int64_t t, double sigma, at::Tensor& out);
   at::DeviceType device;  // where these kernels run
+  // Optional replacements of the ATen GEMMs (nullptr: transform() and dense_grads() below):
+  // (ut, v) for the points, and (dx, dF, dc) += the products of (dut, dv) for a dense factor.
+  std::pair<at::Tensor, at::Tensor> (*transform)(const Points& p) = nullptr;
+  void (*grads)(const Points& p, const at::Tensor& dut, const at::Tensor& dv, const std::array<bool, 3>& needs,
+                Grads& g) = nullptr;
 };
 
 // ---- close pairs with ATen ops (any device; the CUDA backend's refinement)
@@ -303,9 +311,27 @@ inline void add_close_terms(const Close& k, const at::Tensor& grad, const at::Te
   if (dv.defined()) dv.index_put_(c10::List<std::optional<at::Tensor>>({k.e, k.c}), -r, /*accumulate=*/true);
 }
 
+// tril of a contiguous [E, N, N] CPU tensor by row copies (at::tril goes element by element,
+// ~1 ms for the feature-space factor, a few percent of the whole op); other devices: at::tril.
+inline at::Tensor lower_triangle(const at::Tensor& P) {
+  if (!P.is_cpu() || !P.is_contiguous() || !at::isFloatingType(P.scalar_type())) return P.tril();
+  at::Tensor out = at::empty_like(P);
+  const int64_t rows = P.numel() / std::max<int64_t>(P.size(-1), 1), N = P.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "lower_triangle", [&] {
+    const scalar_t* src = P.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = r % N;  // row within its matrix: keep columns 0..i
+      std::copy(src + r * N, src + r * N + i + 1, dst + r * N);
+      std::fill(dst + r * N + i + 1, dst + (r + 1) * N, scalar_t(0));
+    }
+  });
+  return out;
+}
+
 inline at::Tensor dense_factor(const at::Tensor& P, int64_t form) {
   if (form == kDiag) return at::diag_embed(P);
-  if (form == kTril) return P.tril();
+  if (form == kTril) return lower_triangle(P);  // never reads the upper part
   return P.contiguous();
 }
 
@@ -354,9 +380,21 @@ inline void dense_grads(const at::Tensor& x, const at::Tensor& F, const at::Tens
   if (needs[2]) g.add(g.dc, at::bmm(dv, F));
 }
 
+inline void product_grads(const Kernels& k, const Points& p, const at::Tensor& dut, const at::Tensor& dv,
+                          const std::array<bool, 3>& needs, Grads& g) {
+  if (k.grads)
+    k.grads(p, dut, dv, needs, g);
+  else
+    dense_grads(p.x, p.F, p.c, dut, dv, needs, g);
+}
+
+inline std::pair<at::Tensor, at::Tensor> transform_points(const Kernels& k, const Points& p) {
+  return k.transform ? k.transform(p) : transform(p);
+}
+
 inline at::Tensor factor_grad(const at::Tensor& dF, int64_t form) {
   if (form == kDiag) return dF.diagonal(0, -2, -1).contiguous();
-  return form == kTril ? dF.tril() : dF;
+  return form == kTril ? lower_triangle(dF.contiguous()) : dF;
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(Grads& g, const at::Tensor& x,
@@ -388,7 +426,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Kernels& k, 
                                                               int64_t form, double eps) {
   check_inputs("mahalanobis", x0, P0, c0, form);
   const Acc a(x0, P0, c0, form, false);
-  auto [ut, v] = transform(a.pts);
+  auto [ut, v] = transform_points(k, a.pts);
   at::Tensor d = at::empty({a.x.size(0), a.c.size(0), a.c.size(1)}, a.x.options());
   if (d.numel() > 0) k.distances(ut, v, a.pts, d, eps, 1.0, false);
   return {d, ut, v};
@@ -419,7 +457,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
   Grads g;
   if (form != kDiag) {
-    dense_grads(a.x, a.pts.F, a.c, dut, dv, needs, g);
+    product_grads(k, a.pts, dut, dv, needs, g);
     if (needs[1]) g.dF = factor_grad(g.dF, form);
   } else {
     const at::Tensor p = a.P.unsqueeze(-1);  // [E, N, 1]
@@ -470,8 +508,9 @@ inline at::Tensor randomized_forward(const Kernels& k, const at::Tensor& x0, con
   // One sample at a time: the memory does not grow with T.
   for (int64_t t = 0; t < T; ++t) {
     perturbed_factor(k, F, noise, seed, t, sigma, Ft);
-    auto [ut, v] = transform_dense(a.x, Ft, a.c);
-    k.distances(ut, v, Points{a.x, a.c, Ft, false}, d, eps, 1.0 / static_cast<double>(T), true);
+    const Points pts{a.x, a.c, Ft, false};
+    auto [ut, v] = transform_points(k, pts);
+    k.distances(ut, v, pts, d, eps, 1.0 / static_cast<double>(T), true);
   }
   return d;
 }
@@ -494,14 +533,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_backward(
   // The forward's draws again, one sample at a time (regenerated from the seed, not stored).
   for (int64_t t = 0; t < T && g.numel() > 0; ++t) {
     perturbed_factor(k, F, noise, seed, t, sigma, Ft);
-    auto [ut, v] = transform_dense(a.x, Ft, a.c);
     const Points pts{a.x, a.c, Ft, false};
+    auto [ut, v] = transform_points(k, pts);
     k.distances(ut, v, pts, dt, eps, 1.0, false);
     at::Tensor dut, dv;
     if (needs_ut_grad(needs)) dut = at::empty_like(ut);
     if (needs_v_grad(needs)) dv = at::empty_like(v);
     k.distances_backward(ut, v, pts, g, dt, 1.0 / static_cast<double>(T), dut, dv);
-    dense_grads(a.x, Ft, a.c, dut, dv, needs, out);
+    product_grads(k, pts, dut, dv, needs, out);
   }
   if (needs[0] && !out.dx.defined()) out.dx = at::zeros_like(a.x);
   if (needs[1]) out.dF = out.dF.defined() ? factor_grad(out.dF, form) : at::zeros_like(a.P);
