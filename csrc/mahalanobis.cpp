@@ -240,40 +240,39 @@ template <typename T>
 MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
                               Pairs<T>* close, int64_t begin, int64_t end) {
   const int64_t EC = s.E * s.C, tiles = s.tiles_b();
-  std::vector<T> tw(EC * kB), td(EC * kB), wT(EC * kB), dT(EC * kB);  // the tile's w, d: [b][e, c], [e, c][b]
+  const T k = T(kClose);
+  std::vector<T> tw(EC * kB), margin(EC);  // the tile's w as [b][e, c]; one row's close-pair margins
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
     for (int64_t j = 0; j < nb; ++j) {
-      const T* g = gp + (b0 + j) * EC;
-      const T* dd = dp + (b0 + j) * EC;
+      const int64_t b = b0 + j;
+      const T* g = gp + b * EC;
+      const T* dd = dp + b * EC;
       T* row = tw.data() + j * EC;
       // Branch-free loops (a guarded division does not vectorise).
       for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
       for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
-      std::copy(dd, dd + EC, td.data() + j * EC);
+      // The close-pair test (d^2 stands for ||u - v||^2 + eps), vectorised over the centers;
+      // the rare hits leave w for the exact pass.
+      for (int64_t e = 0; e < s.E; ++e) {  // margin < 0: close (one horizontal reduction per row)
+        const T nub = k * nu[e * s.B + b];
+        const T *de = dd + e * s.C, *nve = nv + e * s.C;
+        T* me = margin.data() + e * s.C;
+        for (int64_t c = 0; c < s.C; ++c) me[c] = de[c] * de[c] - (nub + k * nve[c]);
+      }
+      T lowest = T(1);
+#pragma omp simd reduction(min : lowest)
+      for (int64_t i = 0; i < EC; ++i) lowest = margin[i] < lowest ? margin[i] : lowest;
+      if (lowest < T(0))
+        for (int64_t i = 0; i < EC; ++i)
+          if (margin[i] < T(0)) {
+            if (row[i] != T(0)) close[(i / s.C) * tiles + t].push_back({b, i % s.C, row[i]});
+            row[i] = T(0);
+          }
     }
-    // Transposed (plain copies), then the close-pair test vectorised over b.
-    for (int64_t j = 0; j < nb; ++j)
-      for (int64_t i = 0; i < EC; ++i) {
-        wT[i * kB + j] = tw[j * EC + i];
-        dT[i * kB + j] = td[j * EC + i];
-      }
-    for (int64_t i = 0; i < EC; ++i) {
-      const T* nue = nu + (i / s.C) * s.B + b0;
-      const T nvi = nv[i];
-      const T *wi = wT.data() + i * kB, *di = dT.data() + i * kB;
+    for (int64_t i = 0; i < EC; ++i) {  // transposed out
       T* out = wp + i * s.B + b0;
-      int any_close = 0;
-#pragma omp simd reduction(| : any_close)
-      for (int64_t j = 0; j < nb; ++j) {
-        const int close_pair = di[j] * di[j] < T(kClose) * (nue[j] + nvi);
-        out[j] = close_pair ? T(0) : wi[j];
-        any_close |= close_pair;
-      }
-      if (any_close)  // rare
-        for (int64_t j = 0; j < nb; ++j)
-          if (di[j] * di[j] < T(kClose) * (nue[j] + nvi) && wi[j] != T(0))
-            close[(i / s.C) * tiles + t].push_back({b0 + j, i % s.C, wi[j]});
+      for (int64_t j = 0; j < nb; ++j) out[j] = tw[j * EC + i];
     }
   }
 }
