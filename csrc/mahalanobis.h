@@ -394,7 +394,15 @@ inline std::pair<at::Tensor, at::Tensor> transform_points(const Kernels& k, cons
 
 inline at::Tensor factor_grad(const at::Tensor& dF, int64_t form) {
   if (form == kDiag) return dF.diagonal(0, -2, -1).contiguous();
-  return form == kTril ? lower_triangle(dF.contiguous()) : dF;
+  if (form != kTril) return dF;
+  if (!dF.is_cpu() || !dF.is_contiguous()) return dF.tril();
+  // dF is the driver's own temporary: zero its upper part in place (no second [E, N, N]).
+  const int64_t N = dF.size(-1), rows = dF.numel() / std::max<int64_t>(N, 1);
+  AT_DISPATCH_FLOATING_TYPES(dF.scalar_type(), "zero_upper", [&] {
+    scalar_t* p = dF.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) std::fill(p + r * N + r % N + 1, p + (r + 1) * N, scalar_t(0));
+  });
+  return dF;
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(Grads& g, const at::Tensor& x,
