@@ -277,31 +277,21 @@ MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T sca
   }
 }
 
-// Small-N loops (see small_transform / small_grads): ut[e, i, :] = sum_j F[e, i, j] xt[m, j, :];
-// dxt[m, j, :] += F[e, i, j] dut[e, i, :]; dF[e, i, j] = dut[e, i, :] . xt[m, j, :], vectorised over b.
+// Small-N loops (see small_transform / small_grads), vectorised over b, with m = e for a
+// per-member x and 0 for a shared one:
+//   forward:    ut[e, i, :] += F[e, i, j] xt[m, j, :]
+//   transposed: dxt[m, j, :] += F[e, i, j] dut[e, i, :]
+//   dF[e, i, j] = dut[e, i, :] . xt[m, j, :]
 template <typename T>
-MAHA_INLINE void small_transform_loops(const T* F, const T* xt, T* ut, int64_t E, int64_t N, int64_t B,
-                                       bool member) {
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t i = 0; i < N; ++i) {
-      T* out = ut + (e * N + i) * B;
-      for (int64_t j = 0; j < N; ++j) {
-        const T f = F[(e * N + i) * N + j];
-        const T* xr = xt + ((member ? e : 0) * N + j) * B;
-#pragma omp simd
-        for (int64_t b = 0; b < B; ++b) out[b] += f * xr[b];
-      }
-    }
-}
-
-template <typename T>
-MAHA_INLINE void small_dx_loops(const T* F, const T* dut, T* dxt, int64_t E, int64_t N, int64_t B, bool member) {
+MAHA_INLINE void small_axpy_loops(const T* F, const T* in, T* out, int64_t E, int64_t N, int64_t B, bool member,
+                                  bool transposed) {
   for (int64_t e = 0; e < E; ++e)
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < N; ++j) {
         const T f = F[(e * N + i) * N + j];
-        const T* src = dut + (e * N + i) * B;
-        T* dst = dxt + ((member ? e : 0) * N + j) * B;
+        const int64_t ei = (e * N + i) * B, mj = ((member ? e : 0) * N + j) * B;
+        const T* src = in + (transposed ? ei : mj);
+        T* dst = out + (transposed ? mj : ei);
 #pragma omp simd
         for (int64_t b = 0; b < B; ++b) dst[b] += f * src[b];
       }
@@ -340,13 +330,9 @@ MAHA_INLINE void small_dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int
                                 const T* nv, T* wp, Pairs<T>* close, int64_t begin, int64_t end) {  \
     weight_tiles<T>(s, gp, dp, scale, nu, nv, wp, close, begin, end);                               \
   }                                                                                                 \
-  MAHA_CLONES void transform_loops(const T* F, const T* xt, T* ut, int64_t E, int64_t N, int64_t B, \
-                                   bool member) {                                                   \
-    small_transform_loops<T>(F, xt, ut, E, N, B, member);                                           \
-  }                                                                                                 \
-  MAHA_CLONES void dx_loops(const T* F, const T* dut, T* dxt, int64_t E, int64_t N, int64_t B,      \
-                            bool member) {                                                          \
-    small_dx_loops<T>(F, dut, dxt, E, N, B, member);                                                \
+  MAHA_CLONES void axpy_loops(const T* F, const T* in, T* out, int64_t E, int64_t N, int64_t B,      \
+                              bool member, bool transposed) {                                       \
+    small_axpy_loops<T>(F, in, out, E, N, B, member, transposed);                                   \
   }                                                                                                 \
   MAHA_CLONES void dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int64_t N, int64_t B,      \
                             bool member) {                                                          \
@@ -625,7 +611,7 @@ std::pair<at::Tensor, at::Tensor> small_transform(const Points& p) {
   const std::vector<T> xt = x_transposed<T>(p.x, E, N);
   const T *F = p.F.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
   T* vp = v.mutable_data_ptr<T>();
-  transform_loops(F, xt.data(), ut.mutable_data_ptr<T>(), E, N, B, member);
+  axpy_loops(F, xt.data(), ut.mutable_data_ptr<T>(), E, N, B, member, false);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < N; ++i) {
@@ -634,6 +620,20 @@ std::pair<at::Tensor, at::Tensor> small_transform(const Points& p) {
         vp[(e * C + c) * N + i] = acc;
       }
   return {ut, v};
+}
+
+// The small products with dv [E, C, N]: dF[e, i, :] += dv[e, c, i] c[e, c, :] (to_factor) or
+// dc[e, c, :] += dv[e, c, i] F[e, i, :].
+template <typename T>
+void center_products(const T* dv, const T* rows, T* out, int64_t E, int64_t C, int64_t N, bool to_factor) {
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) {
+        const T w = dv[(e * C + c) * N + i];
+        const T* src = rows + (to_factor ? (e * C + c) : (e * N + i)) * N;
+        T* dst = out + (to_factor ? (e * N + i) : (e * C + c)) * N;
+        for (int64_t j = 0; j < N; ++j) dst[j] += w * src[j];
+      }
 }
 
 // dx = F^T dut (summed over members for a shared x), dF = dut x^T + dv^T c, dc = dv F.
@@ -648,7 +648,7 @@ void small_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, c
   const T* dvp = dv.defined() ? dv.const_data_ptr<T>() : nullptr;
   if (needs[0]) {
     std::vector<T> dxt(M * N * B, T(0));  // [m][j][b]
-    dx_loops(F, du, dxt.data(), E, N, B, member);
+    axpy_loops(F, du, dxt.data(), E, N, B, member, true);
     at::Tensor dx = at::empty(p.x.sizes(), p.x.options());
     T* dxp = dx.mutable_data_ptr<T>();
     for (int64_t b = 0; b < B; ++b)
@@ -661,23 +661,12 @@ void small_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, c
     at::Tensor dF = at::empty({E, N, N}, p.x.options());
     T* dFp = dF.mutable_data_ptr<T>();
     dF_loops(du, xt.data(), dFp, E, N, B, member);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < N; ++i) {
-          const T w = dvp[(e * C + c) * N + i];
-          for (int64_t j = 0; j < N; ++j) dFp[(e * N + i) * N + j] += w * cp[(e * C + c) * N + j];
-        }
+    center_products(dvp, cp, dFp, E, C, N, true);
     g.add(g.dF, dF);
   }
   if (needs[2]) {
     at::Tensor dc = at::zeros({E, C, N}, p.x.options());
-    T* dcp = dc.mutable_data_ptr<T>();
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < N; ++i) {
-          const T w = dvp[(e * C + c) * N + i];
-          for (int64_t j = 0; j < N; ++j) dcp[(e * C + c) * N + j] += w * F[(e * N + i) * N + j];
-        }
+    center_products(dvp, F, dc.mutable_data_ptr<T>(), E, C, N, false);
     g.add(g.dc, dc);
   }
 }
