@@ -60,10 +60,3 @@ def count_passes(networks: nn.Module | list[nn.Module], batch_size: int):
         for h in handles:
             h.remove()
 
-
-def formula(method: str, steps: int, members: int) -> tuple[int, int]:
-    """The paper's Table 6 (forward, backward) per batch for ``method`` at K and M."""
-    from pyens.training.methods import get_method
-
-    return get_method(method).passes(steps, members)
-

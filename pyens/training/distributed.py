@@ -84,14 +84,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, d: Dist) -> bool:
-    if not d.active:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 def teardown(d: Dist) -> None:
     if d.active and dist.is_initialized():
         dist.destroy_process_group()
