@@ -165,9 +165,14 @@ def test_schedules_follow_appendix_c():
 
 def test_ddp_replicas_agree(tmp_path):
     """Two gloo processes under torchrun: the replicas end with identical parameters."""
+    import socket
+
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as s:  # a free port: a fixed one collides with other runs on the machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "pyens", "train", "--method", "mat", "--train-size", "40", "--batch-size", "20", "--epochs", "1",
            "--steps", "1", "--no-eval", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
