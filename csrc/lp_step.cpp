@@ -4,9 +4,10 @@
 // Rows are independent, so rows are spread over ATen's intra-op pool (OpenMP in torch's
 // CPU builds: one runtime, and torch.set_num_threads governs it); inner loops are plain
 // contiguous loops written to vectorise (by-value min/max, selects instead of branches,
-// `omp simd` reductions). No row is ever sorted: the l1 top-k threshold comes from a
-// k-element heap (nth_element for large k), and the l1/l2 ∩ box thresholds from an exact
-// per-row search over the breakpoints (see l1_threshold / l2_threshold and docs/lp_step.md).
+// `omp simd` reductions). No row is ever sorted: the l1 top-k threshold comes from selection
+// among the few scores that a bound from group maxima lets through, and the l1/l2 ∩ box
+// thresholds from an exact per-row search over the breakpoints (see l1_threshold /
+// l2_threshold and docs/lp_step.md).
 #include "lp_step.h"
 
 #include <ATen/Parallel.h>
@@ -32,14 +33,28 @@ namespace {
 #endif
 
 constexpr int kL1BracketRounds = 4;  // vectorised false-position rounds before the exact search
+constexpr int64_t kSumChunk = 256;     // phase-1 partial sums in T (see l1_threshold)
+template <typename T>
+constexpr double kSumTolerance = kSumChunk * std::numeric_limits<T>::epsilon() / 2;  // (m - 1) u
+// The l1 direction's top-k groups: lane l of chunk c is {c kChunk + l + kLanes j}.
+constexpr int kLanes = 8;
+constexpr int64_t kChunk = 8 * kLanes;
 
 template <typename T>
 struct Scratch {
-  std::vector<T> p0, p1, p2;  // candidate breakpoints and their weights
-  void resize(int64_t n) {  // capacity is kept across rows, so this allocates once per task
-    p0.resize(n);
-    p1.resize(n);
-    p2.resize(n);
+  std::vector<T> p0, p1, p2, p3;  // candidate breakpoints, their weights, marks
+  std::vector<int64_t> idx;   // l1 direction: the top-k candidates' indices
+  // Grow-only: capacity and size are kept across rows, so a task allocates (and
+  // zero-fills) once instead of re-filling what a shorter use of the buffer gave up.
+  static T* at_least(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+  void resize(int64_t n) {
+    at_least(p0, n);
+    at_least(p1, n);
+    at_least(p2, n);
+    at_least(p3, n);
   }
 };
 
@@ -71,7 +86,7 @@ inline T sgn(T v) {
   return static_cast<T>(v > T(0)) - static_cast<T>(v < T(0));
 }
 
-// Smallest lam >= 0 with f(lam) = sum_i min(max(u_i - lam, 0), r_i) <= eps, given f(0) > eps.
+// Smallest lam >= 0 with f(lam) = sum_i min(max(u_i - lam, 0), r_i) <= eps (0 when f(0) <= eps).
 // f is continuous, non-increasing and linear between the breakpoints {u_i - r_i, u_i}; a
 // bracket (L, U) with f(L) > eps >= f(U) is shrunk onto breakpoints taken from the
 // coordinates that still have one inside it. Coordinates whose piece is fixed on the whole
@@ -102,6 +117,7 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
     upper_t = vmax(upper_t, uu);
     f_zero += double(vmin(uu, r));
   }
+  if (f_zero <= eps) return 0.0;  // inside the ball: no shrinkage
   double lower = 0, upper = upper_t;
   // Phase 1: a few vectorised rounds over the whole row shrink the bracket without
   // compaction (a dense delta makes every coordinate a candidate, and compacting all of
@@ -115,9 +131,20 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
     if (!(guess > lower && guess < upper)) guess = 0.5 * (lower + upper);
     const T mid = T(guess);
     if (!(double(mid) > lower && double(mid) < upper)) break;
+    // Partial sums in T over chunks of kSumChunk (full vector width for float: the double
+    // conversions halved it), each added to a double. The terms are >= 0, so summing m of
+    // them in any order errs by at most (m - 1) u f (u = 2^-24 for float): a round whose f
+    // is within that of eps decides nothing (the bracket must keep f(L) > eps >= f(U)) and
+    // ends phase 1; measured on the 256 x 3072 benchmark rows it never triggers.
     double f = 0;
-#pragma omp simd reduction(+ : f)
-    for (int64_t i = 0; i < n; ++i) f += double(vmin(vmax(cu[i] - mid, T(0)), cr[i]));
+    for (int64_t c0 = 0; c0 < n; c0 += kSumChunk) {
+      const int64_t c1 = std::min<int64_t>(c0 + kSumChunk, n);
+      T part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = c0; i < c1; ++i) part += vmin(vmax(cu[i] - mid, T(0)), cr[i]);
+      f += double(part);
+    }
+    if (std::abs(f - eps) <= kSumTolerance<T> * (f + eps)) break;
     f -= eps;
     if (f <= 0) {
       upper = mid;
@@ -132,12 +159,17 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
     }
   }
   // Phase 2: one vectorised pass folds every coordinate whose piece is fixed on the bracket
-  // into the sums; a compaction (rarely taken branch) keeps the few that still have a
-  // breakpoint inside it for the exact search below.
+  // into the sums and marks the candidates left (those with a breakpoint inside the
+  // bracket); a compaction keeps them for the exact search below. After phase 1 a row of
+  // thousands keeps some tens of candidates, so a branch on the stored mark is well
+  // predicted and cheaper than a branch-free store of every coordinate; when many remain
+  // (a bracket that did not shrink) the branch-free form is used.
   double clamped = 0, lin_sum = 0, lin_cnt_d = 0;
+  T cand_f = 0;
+  T* is_cand = Scratch<T>::at_least(s.p3, n);
   {
     const T lo_t = T(lower), up_t = T(upper);
-#pragma omp simd reduction(+ : clamped, lin_sum, lin_cnt_d)
+#pragma omp simd reduction(+ : clamped, lin_sum, lin_cnt_d, cand_f)
     for (int64_t i = 0; i < n; ++i) {
       const T u = cu[i], v = cv[i];
       const bool zero = u <= lo_t;
@@ -146,18 +178,28 @@ PYENS_INLINE double l1_threshold(const T* y, const T* x, int64_t n, double lo, d
       clamped += clamp ? double(cr[i]) : 0.0;
       lin_sum += lin ? double(u) : 0.0;
       lin_cnt_d += lin ? 1.0 : 0.0;
+      const T c = (zero | clamp | lin) ? T(0) : T(1);
+      is_cand[i] = c;
+      cand_f += c;
     }
   }
   int64_t nc = 0;
-  {
-    const T lo_t = T(lower), up_t = T(upper);
-    for (int64_t i = 0; i < n; ++i) {  // branch-free: whether u > lower is a coin flip
+  if (cand_f * T(8) < T(n)) {
+    for (int64_t i = 0; i < n; ++i) {  // nc <= i: in place
+      if (is_cand[i] != T(0)) {
+        cu[nc] = cu[i];
+        cv[nc] = cv[i];
+        cr[nc] = cr[i];
+        ++nc;
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
       const T u = cu[i], v = cv[i], r = cr[i];
-      const bool cand = (u > lo_t) & (((v > lo_t) & (v < up_t)) | (u < up_t));
       cu[nc] = u;
       cv[nc] = v;
       cr[nc] = r;
-      nc += cand ? 1 : 0;
+      nc += is_cand[i] != T(0) ? 1 : 0;
     }
   }
   int64_t lin_cnt = static_cast<int64_t>(lin_cnt_d);
@@ -269,75 +311,124 @@ PYENS_INLINE double l2_threshold(const T* y, const T* x, int64_t n, double lo, d
 // Writes V_1(g) scaled by `scale` (alpha for a step) and added to `base` (delta, or null).
 // Movable: g != 0 and the step would not push x + delta further past the box. The k largest
 // |g| among them are kept, ties to the lowest index, each moving scale / k_selected.
-constexpr int kSmallK = 64;
 
 template <typename T>
 PYENS_INLINE void l1_direction(const T* g, const T* x, const T* d, T* out, int64_t n, int k, double lo,
-                               double hi, double scale, const T* base, std::vector<T>& score_buf) {
-  // Pass 1 (vectorised): score = |g| where the coordinate can move, -1 elsewhere.
-  score_buf.resize(n);
-  T* score = score_buf.data();
+                               double hi, double scale, const T* base, Scratch<T>& s) {
+  // Pass 1 (vectorised): score = |g| where the coordinate can move, -1 elsewhere, and the
+  // largest score of each group {c kChunk + l + kLanes j : j} (chunk c, lane l). Lane-strided
+  // groups make their maxima a vertical max of the chunk's vectors, with no horizontal
+  // reduction per group; the selection below only needs the groups to be disjoint.
+  const int64_t nchunk = (n + kChunk - 1) / kChunk;
+  const int64_t nb = nchunk * kLanes;
+  T* score = Scratch<T>::at_least(s.p0, n);
+  T* bmax = Scratch<T>::at_least(s.p1, nb);
   const T tlo = T(lo), thi = T(hi);
-  int64_t cnt = 0;
-#pragma omp simd reduction(+ : cnt)
+  T cnt_f = 0;  // a float count keeps the loop in one vector width; exact below 2^24
+#pragma omp simd reduction(+ : cnt_f)
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i], p = x[i] + d[i];
     // Bitwise & and | (not && and ||): no short-circuit branches, so the loop vectorises.
     const bool blocked = ((p >= thi) & (gi > T(0))) | ((p <= tlo) & (gi < T(0))) | (gi == T(0));
     score[i] = blocked ? T(-1) : std::abs(gi);
-    cnt += blocked ? 0 : 1;
+    cnt_f += blocked ? T(0) : T(1);
   }
-  // Pass 2: tau = the k-th largest score. A k-element min-heap for small k: once it fills,
-  // almost every value loses one (well-predicted) compare against the heap's minimum.
-  T tau = T(0);
-  if (cnt > k) {
-    if (k <= kSmallK) {
-      T heap[kSmallK];
-      std::copy(score, score + k, heap);
-      std::make_heap(heap, heap + k, std::greater<T>());
-      for (int64_t i = k; i < n; ++i) {
-        if (score[i] > heap[0]) {
-          std::pop_heap(heap, heap + k, std::greater<T>());
-          heap[k - 1] = score[i];
-          std::push_heap(heap, heap + k, std::greater<T>());
-        }
+  const int64_t cnt = static_cast<int64_t>(cnt_f);
+  for (int64_t c = 0; c < nchunk; ++c) {
+    const int64_t i0 = c * kChunk;
+    T mx[kLanes];
+    std::fill(mx, mx + kLanes, T(-1));
+    if (i0 + kChunk <= n) {
+      for (int64_t j = 0; j < kChunk; j += kLanes) {
+        const T* v = score + i0 + j;
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) mx[l] = vmax(mx[l], v[l]);
       }
-      tau = heap[0];
     } else {
-      std::vector<T> tmp(score, score + n);
-      std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<T>());
-      tau = tmp[k - 1];
+      for (int64_t i = i0; i < n; ++i) mx[(i - i0) % kLanes] = vmax(mx[(i - i0) % kLanes], score[i]);
     }
+    std::copy(mx, mx + kLanes, bmax + c * kLanes);
   }
   const int64_t ks = std::min<int64_t>(cnt, k);
   const T step = ks > 0 ? T(scale / double(ks)) : T(0);
-  // Pass 3 (vectorised): take every movable score >= tau; count how many that is.
-  // 0/1 masks as arithmetic (not ?:) and a float count keep the loop branch-free.
-  T taken_f = 0;
-  if (base) {
-#pragma omp simd reduction(+ : taken_f)
-    for (int64_t i = 0; i < n; ++i) {
-      const T chosen = T((score[i] > T(0)) & (score[i] >= tau));
-      out[i] = base[i] + chosen * step * sgn(g[i]);
-      taken_f += chosen;
+  if (cnt <= k) {
+    // Every movable coordinate is taken: one vectorised pass (score > 0 marks them).
+    if (base) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = base[i] + T(score[i] > T(0)) * step * sgn(g[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = T(score[i] > T(0)) * step * sgn(g[i]);
     }
-  } else {
-#pragma omp simd reduction(+ : taken_f)
-    for (int64_t i = 0; i < n; ++i) {
-      const T chosen = T((score[i] > T(0)) & (score[i] >= tau));
-      out[i] = chosen * step * sgn(g[i]);
-      taken_f += chosen;
+    return;
+  }
+  // Pass 2: tau = the k-th largest score, by selection on a short candidate list instead of
+  // a heap over the whole row (whose unpredictable compare-and-sift was the direction's main
+  // cost). Any k distinct scores bound tau from below by their minimum:
+  //  (a) the maxima of k groups of blocks give bound1 cheaply (one pass over the maxima);
+  //  (b) the blocks whose maximum reaches bound1 (at least k) give the exact k-th largest
+  //      block maximum, bound, by selection on those few maxima;
+  //  (c) only scores >= bound can be among the top k, and only the blocks whose maximum
+  //      reaches bound (about k of them for real gradients) hold one: their scores >= bound
+  //      are the candidates, kept in index order with their indices.
+  T* cand = Scratch<T>::at_least(s.p2, n + nb);  // [0, n): candidate scores; [n, n + nb): maxima
+  std::vector<int64_t>& cidx = s.idx;
+  if (static_cast<int64_t>(cidx.size()) < n) cidx.resize(n);
+  T bound = T(-1);  // fewer than k blocks: every score is a candidate
+  if (nb >= k) {
+    T bound1 = std::numeric_limits<T>::infinity();
+    for (int g0 = 0; g0 < k; ++g0) {  // group g0: blocks [g0 nb / k, (g0 + 1) nb / k)
+      const int64_t b0 = g0 * nb / k, b1 = (g0 + 1) * nb / k;
+      T mx = T(-1);
+      for (int64_t b = b0; b < b1; ++b) mx = vmax(mx, bmax[b]);
+      bound1 = vmin(bound1, mx);
+    }
+    T* top = cand + n;
+    int64_t nt = 0;
+    for (int64_t b = 0; b < nb; ++b) {  // branch-free append
+      top[nt] = bmax[b];
+      nt += bmax[b] >= bound1 ? 1 : 0;
+    }
+    std::nth_element(top, top + (k - 1), top + nt, std::greater<T>());
+    bound = top[k - 1];
+  }
+  int64_t nc = 0;
+  for (int64_t b = 0; b < nb; ++b) {  // group b: chunk b / kLanes, lane b % kLanes
+    if (bmax[b] < bound) continue;
+    const int64_t i0 = (b / kLanes) * kChunk + b % kLanes, i1 = std::min<int64_t>((b / kLanes + 1) * kChunk, n);
+    for (int64_t i = i0; i < i1; i += kLanes) {  // branch-free append
+      cand[nc] = score[i];
+      cidx[nc] = i;
+      nc += score[i] >= bound ? 1 : 0;
     }
   }
-  const int64_t taken = static_cast<int64_t>(taken_f);  // exact: counts stay far below 2^24
-  // Ties at tau beyond k: drop them from the highest index down (ties go to the lowest
-  // index). Exact ties are rare in real gradients, so this loop rarely runs.
-  int64_t excess = taken - ks;  // coordinates equal to tau beyond the k we may take
-  for (int64_t i = n - 1; i >= 0 && excess > 0; --i) {
-    if (score[i] == tau) {
-      out[i] = base ? base[i] : T(0);
-      --excess;
-    }
+  // nc >= k: the top k scores are all >= bound, and all > 0 since cnt > k of them move.
+  // Selection permutes the scores, so the in-order pass below reads them again by index.
+  std::nth_element(cand, cand + (k - 1), cand + nc, std::greater<T>());
+  const T tau = cand[k - 1];
+  // Pass 3: out = base (or 0) in one vectorised pass, then the k chosen coordinates move:
+  // every score > tau, and of the scores equal to tau the lowest indices (ties go to the
+  // lowest index; exact ties are rare in real gradients).
+  if (base)
+    std::copy(base, base + n, out);
+  else
+    std::fill(out, out + n, T(0));
+  int64_t above = 0, equal = 0;
+  for (int64_t j = 0; j < nc; ++j) {
+    above += score[cidx[j]] > tau ? 1 : 0;
+    equal += score[cidx[j]] == tau ? 1 : 0;
+  }
+  // The groups interleave, so the candidates are not in index order; only when more scores
+  // equal tau than may be taken does the order matter, and then the few candidate indices
+  // are put in order so the lowest win.
+  if (ks - above < equal) std::sort(cidx.begin(), cidx.begin() + nc);
+  int64_t ties = ks - above;  // how many coordinates equal to tau may still be taken
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t i = cidx[j];
+    const T v = score[i];
+    const bool take = (v > tau) | ((v == tau) & (ties > 0));
+    ties -= (v == tau) & take ? 1 : 0;
+    out[i] = take ? (base ? base[i] : T(0)) + step * sgn(g[i]) : out[i];
   }
 }
 
@@ -461,29 +552,17 @@ PYENS_INLINE int lp_row(const LpParams& p, int64_t row, const T* d, const T* g, 
 
   // l1
   if (p.mode == kDirection) {
-    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, 1.0, static_cast<const T*>(nullptr), s.p0);
+    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, 1.0, static_cast<const T*>(nullptr), s);
     return 0;
   }
   if (p.mode == kStep)
-    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, alpha, d, s.p0);
+    l1_direction(g, x, d, out, n, p.k[m], p.lo, p.hi, alpha, d, s);
   else
     std::copy(d, d + n, out);
-  // ||clamp(y)||_1 (exact) or ||y||_1 (sequential); two loops so that neither has a branch.
-  double mass = 0;
-  if (p.exact) {
-#pragma omp simd reduction(+ : mass)
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = out[i];
-      mass += double(vmin(vmax(v, vmin(lo - x[i], T(0))), vmax(hi - x[i], T(0))) * sgn(v));
-    }
-  } else {
-#pragma omp simd reduction(+ : mass)
-    for (int64_t i = 0; i < n; ++i) mass += double(std::abs(out[i]));
-  }
-  double lam = 0;
-  if (mass > eps)
-    lam = eps == 0 ? std::numeric_limits<double>::infinity()
-                   : l1_threshold(out, x, n, p.lo, p.hi, eps, p.exact, s, seed);
+  // lam = 0 inside the ball: l1_threshold's first pass computes ||clamp(y)||_1 (exact) or
+  // ||y||_1 (sequential) as f(0) and stops there, so no separate pass measures the mass.
+  const double lam = eps == 0 ? std::numeric_limits<double>::infinity()
+                              : l1_threshold(out, x, n, p.lo, p.hi, eps, p.exact, s, seed);
   const T l = T(lam);
   for (int64_t i = 0; i < n; ++i) {
     const T v = out[i];
