@@ -132,6 +132,21 @@ def test_backend_matches_reference(backend, dtype, n, norm, mode):
             assert torch.equal(got != 0, want.to(got.dtype) != 0)
 
 
+@pytest.mark.parametrize("n", [63, 64, 65, 130, 159, 1000])
+@pytest.mark.parametrize("k", [1, 8, 20, 64, 200])
+def test_cpu_l1_top_k_around_its_groups(n, k):
+    """The CPU top-k bounds tau by maxima of lane-strided groups of 8 within 64-score chunks:
+    row lengths around those chunk sizes (full, partial and lone tail chunks), k from 1 to
+    more than the group count, with ties and box-blocked coordinates, select exactly the
+    reference's coordinates."""
+    if "cpu" not in pyens.ops.available_backends("lp_step", "cpu"):
+        pytest.skip("the C++ CPU backend is not built")
+    for exact in (True, False):
+        got, want = _compare("cpu", 1, [L1], torch.float32, n, exact, seed=n * 7 + k, k=[k], rows=8)
+        assert torch.equal(got != 0, want.to(got.dtype) != 0)
+        got, _ = _compare("cpu", 2, [L1], torch.float32, n, exact, seed=n * 7 + k + 1, k=[k], rows=8)
+
+
 @pytest.mark.parametrize("backend", backend_params("lp_step"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("n", [7, 784])
