@@ -239,40 +239,40 @@ MAHA_INLINE void dv_tiles_any(const Shape<T>& s, const T* u, const T* vp, int64_
 template <typename T>
 MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
                               Pairs<T>* close, int64_t begin, int64_t end) {
+  // Written straight into the [E, C, B] layout, one (e, c) row of kB columns at a time,
+  // reading grad and d at stride E*C (gathers): the row form with a scalar transposition
+  // afterwards spent most of its time in that transposition and in per-b loops of E*C = 50.
+  // Branch-free (a guarded division does not vectorise); the close-pair test (d^2 stands for
+  // ||u - v||^2 + eps) rides along as a min-reduction of the margins, the rare hits handled
+  // apart.
   const int64_t EC = s.E * s.C, tiles = s.tiles_b();
   const T k = T(kClose);
-  std::vector<T> tw(EC * kB), margin(EC);  // the tile's w as [b][e, c]; one row's close-pair margins
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t b = b0 + j;
-      const T* g = gp + b * EC;
-      const T* dd = dp + b * EC;
-      T* row = tw.data() + j * EC;
-      // Branch-free loops (a guarded division does not vectorise).
-      for (int64_t i = 0; i < EC; ++i) row[i] = scale * g[i] / dd[i];
-      for (int64_t i = 0; i < EC; ++i) row[i] = dd[i] == T(0) ? T(0) : row[i];
-      // The close-pair test (d^2 stands for ||u - v||^2 + eps), vectorised over the centers;
-      // the rare hits leave w for the exact pass.
-      for (int64_t e = 0; e < s.E; ++e) {  // margin < 0: close (one horizontal reduction per row)
-        const T nub = k * nu[e * s.B + b];
-        const T *de = dd + e * s.C, *nve = nv + e * s.C;
-        T* me = margin.data() + e * s.C;
-        for (int64_t c = 0; c < s.C; ++c) me[c] = de[c] * de[c] - (nub + k * nve[c]);
-      }
-      T lowest = T(1);
+    for (int64_t e = 0; e < s.E; ++e) {
+      const T* nue = nu + e * s.B + b0;
+      for (int64_t c = 0; c < s.C; ++c) {
+        const int64_t i = e * s.C + c;
+        const T *g = gp + b0 * EC + i, *dd = dp + b0 * EC + i;
+        const T knv = k * nv[i];
+        T* out = wp + i * s.B + b0;
+        T lowest = T(1);  // margin < 0: a close pair
 #pragma omp simd reduction(min : lowest)
-      for (int64_t i = 0; i < EC; ++i) lowest = margin[i] < lowest ? margin[i] : lowest;
-      if (lowest < T(0))
-        for (int64_t i = 0; i < EC; ++i)
-          if (margin[i] < T(0)) {
-            if (row[i] != T(0)) close[(i / s.C) * tiles + t].push_back({b, i % s.C, row[i]});
-            row[i] = T(0);
+        for (int64_t j = 0; j < nb; ++j) {
+          const T dj = dd[j * EC], w = scale * g[j * EC] / dj;
+          const T margin = dj * dj - (k * nue[j] + knv);
+          out[j] = dj == T(0) ? T(0) : w;
+          lowest = margin < lowest ? margin : lowest;
+        }
+        if (lowest < T(0))
+          for (int64_t j = 0; j < nb; ++j) {
+            const T dj = dd[j * EC];
+            if (dj * dj - (k * nue[j] + knv) < T(0)) {
+              if (out[j] != T(0)) close[e * tiles + t].push_back({b0 + j, c, out[j]});
+              out[j] = T(0);
+            }
           }
-    }
-    for (int64_t i = 0; i < EC; ++i) {  // transposed out
-      T* out = wp + i * s.B + b0;
-      for (int64_t j = 0; j < nb; ++j) out[j] = tw[j * EC + i];
+      }
     }
   }
 }
