@@ -150,6 +150,25 @@ def test_backend_matches_reference(backend, dtype, shared, form):
                                    rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=0)
 
 
+@pytest.mark.parametrize("backend", backend_params("mahalanobis", ("cpu",)))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-x", "member-x"])
+def test_many_close_pairs_across_tiles_and_members(backend, form, shared):
+    """Samples a hair from centers in several members, b-tiles (B = 70 > two 32-column tiles)
+    and centers: the close pairs leave the fast path in the forward and in the backward's
+    weights; values and gradients still match the float64 reference."""
+    B, E, C, N = 70, 3, 4, 10
+    x, P, c = make(B, E, C, N, form, shared=shared, dtype=torch.float32, seed=5, hit=False)
+    gen = torch.Generator().manual_seed(6)
+    for b, e, cc in [(0, 0, 0), (1, 0, 3), (33, 1, 2), (34, 1, 2), (65, 2, 1), (69, 2, 3), (40, 0, 1)]:
+        xb = x[b] if shared else x[b, e]
+        c[e, cc] = xb + 1e-4 * torch.randn(N, generator=gen)
+    w = torch.randn(B, E, C, generator=gen, dtype=torch.float64)
+    got = run(backend, mahalanobis, x, P, c, weights=w, form=form)
+    want = reference_grads(x, P, c, form, weights=w)
+    close(got, want, torch.float32, f"{backend} {form} close pairs")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 def test_gradient_at_a_center_is_finite(backend, form):
