@@ -50,11 +50,10 @@ struct Scratch {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     return v.data();
   }
-  void resize(int64_t n) {
+  void resize(int64_t n) {  // the breakpoint buffers; p3 and idx are taken where used
     at_least(p0, n);
     at_least(p1, n);
     at_least(p2, n);
-    at_least(p3, n);
   }
 };
 
