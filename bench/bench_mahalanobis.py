@@ -28,6 +28,7 @@ GFLOP/s and the speedups over ``eager`` and ``cdist`` of the same shape and mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ def make_inputs(shape: Shape, device: str, seed: int = 0):
 
 
 def layer_fn(shape: Shape, provider: str, noise: torch.Tensor):
-    """``f(x, P, centers) -> [B, E, C]`` for one provider (pyens: the backend forced around each call)."""
+    """``f(x, P, centers) -> [B, E, C]`` for one provider (pyens: call it inside ``backend_forced``)."""
     if provider == "eager":
         return (lambda x, P, c: eager_randomized(x, P, c, noise)) if shape.T else eager
     if provider == "cdist":
@@ -141,12 +142,18 @@ def layer_fn(shape: Shape, provider: str, noise: torch.Tensor):
     ops, _ = _pyens_ops()
 
     def fn(x, P, c):
-        with ops.use_backend(provider):
-            if shape.T:
-                return ops.randomized_mahalanobis(x, P, c, sigma=SIGMA, samples=shape.T, seed=1)
-            return ops.mahalanobis(x, P, c)
+        if shape.T:
+            return ops.randomized_mahalanobis(x, P, c, sigma=SIGMA, samples=shape.T, seed=1)
+        return ops.mahalanobis(x, P, c)
 
     return fn
+
+
+def backend_forced(provider: str):
+    """The pyens backend forced for the whole benchmark (as bench_lp_step.py does), not per call."""
+    if provider in ("eager", "cdist"):
+        return contextlib.nullcontext()
+    return _pyens_ops()[0].use_backend(provider)
 
 
 def saved_bytes(fn, inputs) -> int:
@@ -179,34 +186,35 @@ def test_mahalanobis(benchmark, device, case):
         # the pyens draws come from the seed; the peers get the same draws explicitly
         ops, _ = _pyens_ops()
         noise = ops.mahalanobis_noise(1, (shape.T, shape.E, shape.N, shape.N), device=device)
-    fn = layer_fn(shape, provider, noise)
-    leaves = [t.clone().requires_grad_() for t in (x, P, c)]
-    benchmark.group = f"{shape.name} {mode}"
-    benchmark.extra_info.update(
-        op="mahalanobis", device=device, device_name=_device_name(device), threads=torch.get_num_threads(),
-        torch=torch.__version__, dtype=str(DTYPE).replace("torch.", ""), shape=shape.name,
-        dims=dict(B=shape.B, E=shape.E, C=shape.C, N=shape.N, T=shape.T), mode=mode, provider=provider,
-        flops=shape.flops(mode), saved_bytes=saved_bytes(fn, leaves), cpus=os.cpu_count(),
-        loadavg_1m=round(os.getloadavg()[0], 2),  # a busy machine makes CPU timings noisy
-    )
-    if shape.T:  # correctness guard on the same draws: pyens and the peers compute the same thing
-        z = noise if provider in ("eager", "cdist") else _pyens_ops()[0].mahalanobis_noise(
-            1, (shape.T, shape.E, shape.N, shape.N), device=device)
-        _check(fn(x, P, c).detach(), cdist_randomized(x, P, c, z), f"{shape.name} {provider}")
-    else:
-        _check(fn(x, P, c).detach(), eager(x.double(), P.double(), c.double()).float(), f"{shape.name} {provider}")
+    with backend_forced(provider):
+        fn = layer_fn(shape, provider, noise)
+        leaves = [t.clone().requires_grad_() for t in (x, P, c)]
+        benchmark.group = f"{shape.name} {mode}"
+        benchmark.extra_info.update(
+            op="mahalanobis", device=device, device_name=_device_name(device), threads=torch.get_num_threads(),
+            torch=torch.__version__, dtype=str(DTYPE).replace("torch.", ""), shape=shape.name,
+            dims=dict(B=shape.B, E=shape.E, C=shape.C, N=shape.N, T=shape.T), mode=mode, provider=provider,
+            flops=shape.flops(mode), saved_bytes=saved_bytes(fn, leaves), cpus=os.cpu_count(),
+            loadavg_1m=round(os.getloadavg()[0], 2),  # a busy machine makes CPU timings noisy
+        )
+        if shape.T:  # correctness guard on the same draws: pyens and the peers compute the same thing
+            z = noise if provider in ("eager", "cdist") else _pyens_ops()[0].mahalanobis_noise(
+                1, (shape.T, shape.E, shape.N, shape.N), device=device)
+            _check(fn(x, P, c).detach(), cdist_randomized(x, P, c, z), f"{shape.name} {provider}")
+        else:
+            _check(fn(x, P, c).detach(), eager(x.double(), P.double(), c.double()).float(), f"{shape.name} {provider}")
 
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn(x, P, c)
-    else:
-        def step():
-            for t in leaves:
-                t.grad = None
-            fn(*leaves).sum().backward()
-            return leaves[0].grad
-    run_benchmark(benchmark, step, device, target_s=0.4, max_rounds=100)
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return fn(x, P, c)
+        else:
+            def step():
+                for t in leaves:
+                    t.grad = None
+                fn(*leaves).sum().backward()
+                return leaves[0].grad
+        run_benchmark(benchmark, step, device, target_s=0.4, max_rounds=100)
 
 
 # ----------------------------------------------------------------------------- report

@@ -44,7 +44,9 @@ namespace {
 #endif
 
 constexpr int kB = 32;  // columns b per tile: the vectorised dimension
-constexpr int kC = 4;   // centers (forward, dv) or feature rows (dut) per tile
+// centers (forward) or rows (dut, the small transforms) per tile: 5 x 2 x 16 floats is 10
+// AVX-512 accumulators, and the papers' C = N = 10 splits into whole tiles (4 wasted 2 of 12).
+constexpr int kC = 5;
 constexpr int64_t kGemmMinN = 32;  // crossover of the two algorithms, measured at N = 10, 32, 45, 64
 
 // at::parallel_for with chunks of at least kTaskWork multiply-adds: a small problem runs inline
@@ -71,11 +73,26 @@ struct Shape {  // ut [E, N, B], v [E, C, N], outputs [B, E, C]
 // acc[k][j] = sum_n (u[n * ldu + j] - rows[k][n])^2 for the first `width` columns j.
 template <typename T, bool kFull>
 MAHA_INLINE void diff_tile(const T* __restrict u, int64_t ldu, const T* const* rows, int64_t N, int width,
-                           T (&acc)[kC][kB]) {
-  for (int k = 0; k < kC; ++k)
-    for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
+                           T (&out)[kC][kB]) {
+  // In registers; `out` is memory the epilogue reads. The first feature initialises the sums:
+  // zeroing first made the compiler clear `out` with a rep stos per tile.
+  T acc[kC][kB];
   const int w = kFull ? kB : width;
-  for (int64_t n = 0; n < N; ++n) {
+  const bool first = kFull && N > 0;
+  if (first) {
+    for (int k = 0; k < kC; ++k) {
+      const T r = rows[k][0];
+#pragma omp simd
+      for (int j = 0; j < kB; ++j) {
+        const T z = u[j] - r;
+        acc[k][j] = z * z;
+      }
+    }
+  } else {
+    for (int k = 0; k < kC; ++k)
+      for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
+  }
+  for (int64_t n = first ? 1 : 0; n < N; ++n) {
     const T* un = u + n * ldu;
     for (int k = 0; k < kC; ++k) {
       const T r = rows[k][n];
@@ -86,6 +103,9 @@ MAHA_INLINE void diff_tile(const T* __restrict u, int64_t ldu, const T* const* r
       }
     }
   }
+  for (int k = 0; k < kC; ++k)
+#pragma omp simd
+    for (int j = 0; j < kB; ++j) out[k][j] = acc[k][j];
 }
 
 template <typename T>
@@ -147,10 +167,12 @@ MAHA_INLINE void distance_tiles(const Shape<T>& s, const T* ut, const T* v, cons
   }
 }
 
-// acc[k][j] = sum_c w[c, j] (u[rows[k], j] - v[c, rows[k]]) for the first `width` columns j.
+// dut[rows[k], j] = sum_c w[c, j] (u[rows[k], j] - v[c, rows[k]]) for the first `width` columns
+// j and the first nr rows (stored from here, so the accumulators stay in registers).
 template <typename T, bool kFull>
 MAHA_INLINE void dut_tile(const T* __restrict u, const T* __restrict w, const T* __restrict v, const int64_t* rows,
-                          const Shape<T>& s, int width, T (&acc)[kC][kB]) {
+                          const Shape<T>& s, int width, int nr, T* __restrict dut) {
+  T acc[kC][kB];
   for (int k = 0; k < kC; ++k)
     for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
   const int wd = kFull ? kB : width;
@@ -164,150 +186,224 @@ MAHA_INLINE void dut_tile(const T* __restrict u, const T* __restrict w, const T*
       for (int j = 0; j < wd; ++j) acc[k][j] += wc[j] * (un[j] - r);
     }
   }
+  for (int k = 0; k < kC; ++k)
+    if (k < nr) {
+#pragma omp simd
+      for (int j = 0; j < wd; ++j) dut[rows[k] * s.B + j] = acc[k][j];
+    }
 }
 
 // dut[e, n, b] = sum_c w[e, c, b] (ut[e, n, b] - v[e, c, n]), kC feature rows n at a time.
 template <typename T>
 MAHA_INLINE void dut_tiles(const Shape<T>& s, const T* ut, const T* v, const T* w, T* dut, int64_t begin,
                            int64_t end) {
-  T acc[kC][kB];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
     const int nb = static_cast<int>(std::min<int64_t>(kB, s.B - b0));
     const T* u = ut + e * s.N * s.B + b0;
     const T* we = w + e * s.C * s.B + b0;
     const T* ve = v + e * s.C * s.N;
+    T* out = dut + e * s.N * s.B + b0;
     for (int64_t n0 = 0; n0 < s.N; n0 += kC) {
       int64_t rows[kC];  // a short last block repeats its last row; those results are dropped
       for (int k = 0; k < kC; ++k) rows[k] = std::min(n0 + k, s.N - 1);
-      if (nb == kB)
-        dut_tile<T, true>(u, we, ve, rows, s, nb, acc);
-      else
-        dut_tile<T, false>(u, we, ve, rows, s, nb, acc);
       const int nr = static_cast<int>(std::min<int64_t>(kC, s.N - n0));
-      for (int k = 0; k < nr; ++k)
-        for (int j = 0; j < nb; ++j) dut[(e * s.N + n0 + k) * s.B + b0 + j] = acc[k][j];
+      if (nb == kB)
+        dut_tile<T, true>(u, we, ve, rows, s, nb, nr, out);
+      else
+        dut_tile<T, false>(u, we, ve, rows, s, nb, nr, out);
     }
   }
 }
 
-// dv[e, c, n] = -sum_b w[e, c, b] (ut[e, n, b] - v[e, c, n]), kC centers at a time, vectorised
-// over n: u is ut transposed to [E, B, Np] and vp is v, both zero-padded to Np (a multiple of
-// kNPad, at most kMaxNp), so the sum over b needs no horizontal reductions.
-constexpr int kNPad = 16, kMaxNp = 64;
-static_assert(kGemmMinN <= kMaxNp, "the difference-form dv holds a padded row of N < kGemmMinN");
-template <typename T, int kNp>
-MAHA_INLINE void dv_tiles(const Shape<T>& s, const T* u, const T* vp, const T* w, T* dv, int64_t begin,
-                          int64_t end) {
-  const int64_t tiles_c = (s.C + kC - 1) / kC;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t e = task / tiles_c, c0 = (task % tiles_c) * kC;
-    const T* wr[kC];
-    const T* vr[kC];
-    for (int k = 0; k < kC; ++k) {
-      const int64_t c = std::min(c0 + k, s.C - 1);
-      wr[k] = w + (e * s.C + c) * s.B;
-      vr[k] = vp + (e * s.C + c) * kNp;
-    }
-    T acc[kC][kNp] = {};
-    for (int64_t b = 0; b < s.B; ++b) {
-      const T* ub = u + (e * s.B + b) * kNp;
-      for (int k = 0; k < kC; ++k) {
-        const T wv = wr[k][b];
+// The weights of one b-tile (see weights() below), written straight into the [E, C, B] layout,
+// one (e, c) row of kB columns at a time, reading grad and d at stride E*C: the row form with a
+// scalar transposition afterwards spent most of its time in that transposition and in per-b
+// loops of E*C = 50. Branch-free (a guarded division does not vectorise); the close-pair test
+// (d^2 stands for ||u - v||^2 + eps) rides along as a per-lane minimum of the margins over the
+// whole tile, reduced once per tile (a reduction per row cost as much as the division). Returns
+// whether some margin is negative (a close pair).
+template <typename T, bool kFull>
+MAHA_INLINE bool weight_rows(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
+                             int64_t b0, int nb) {
+  const int64_t EC = s.E * s.C;
+  const T k = T(kClose);
+  const int w = kFull ? kB : nb;
+  T lowest[kB];
+  for (int j = 0; j < kB; ++j) lowest[j] = T(1);
+  for (int64_t e = 0; e < s.E; ++e) {
+    const T* nue = nu + e * s.B + b0;
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t i = e * s.C + c;
+      const T *g = gp + b0 * EC + i, *dd = dp + b0 * EC + i;
+      const T knv = k * nv[i];
+      T* out = wp + i * s.B + b0;
 #pragma omp simd
-        for (int n = 0; n < kNp; ++n) acc[k][n] += wv * (ub[n] - vr[k][n]);
+      for (int j = 0; j < w; ++j) {
+        const T dj = dd[j * EC], wv = scale * g[j * EC] / dj;
+        const T margin = dj * dj - (k * nue[j] + knv);
+        out[j] = dj == T(0) ? T(0) : wv;
+        lowest[j] = margin < lowest[j] ? margin : lowest[j];
       }
     }
-    const int nc = static_cast<int>(std::min<int64_t>(kC, s.C - c0));
-    for (int k = 0; k < nc; ++k)
-      for (int64_t n = 0; n < s.N; ++n) dv[(e * s.C + c0 + k) * s.N + n] = -acc[k][n];
   }
+  T m = T(1);
+  for (int j = 0; j < kB; ++j) m = lowest[j] < m ? lowest[j] : m;
+  return m < T(0);
 }
 
-template <typename T>
-MAHA_INLINE void dv_tiles_any(const Shape<T>& s, const T* u, const T* vp, int64_t Np, const T* w, T* dv,
-                              int64_t begin, int64_t end) {
-  switch (Np) {
-    case 16: return dv_tiles<T, 16>(s, u, vp, w, dv, begin, end);
-    case 32: return dv_tiles<T, 32>(s, u, vp, w, dv, begin, end);
-    case 48: return dv_tiles<T, 48>(s, u, vp, w, dv, begin, end);
-    default: return dv_tiles<T, 64>(s, u, vp, w, dv, begin, end);
-  }
-}
-
-// The weights of b-tiles [begin, end) (see weights() below).
+// The weights of b-tiles [begin, end); a tile with a close pair is rescanned, moving each close
+// pair's weight out of w into close[e * tiles_b + tile].
 template <typename T>
 MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
                               Pairs<T>* close, int64_t begin, int64_t end) {
-  // Written straight into the [E, C, B] layout, one (e, c) row of kB columns at a time,
-  // reading grad and d at stride E*C (gathers): the row form with a scalar transposition
-  // afterwards spent most of its time in that transposition and in per-b loops of E*C = 50.
-  // Branch-free (a guarded division does not vectorise); the close-pair test (d^2 stands for
-  // ||u - v||^2 + eps) rides along as a min-reduction of the margins, the rare hits handled
-  // apart.
   const int64_t EC = s.E * s.C, tiles = s.tiles_b();
   const T k = T(kClose);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t b0 = t * kB, nb = std::min<int64_t>(kB, s.B - b0);
-    for (int64_t e = 0; e < s.E; ++e) {
-      const T* nue = nu + e * s.B + b0;
+    const int64_t b0 = t * kB;
+    const int nb = static_cast<int>(std::min<int64_t>(kB, s.B - b0));
+    const bool any_close = nb == kB ? weight_rows<T, true>(s, gp, dp, scale, nu, nv, wp, b0, nb)
+                                    : weight_rows<T, false>(s, gp, dp, scale, nu, nv, wp, b0, nb);
+    if (!any_close) continue;
+    for (int64_t e = 0; e < s.E; ++e)
       for (int64_t c = 0; c < s.C; ++c) {
         const int64_t i = e * s.C + c;
-        const T *g = gp + b0 * EC + i, *dd = dp + b0 * EC + i;
-        const T knv = k * nv[i];
         T* out = wp + i * s.B + b0;
-        T lowest = T(1);  // margin < 0: a close pair
-#pragma omp simd reduction(min : lowest)
-        for (int64_t j = 0; j < nb; ++j) {
-          const T dj = dd[j * EC], w = scale * g[j * EC] / dj;
-          const T margin = dj * dj - (k * nue[j] + knv);
-          out[j] = dj == T(0) ? T(0) : w;
-          lowest = margin < lowest ? margin : lowest;
-        }
-        if (lowest < T(0))
-          for (int64_t j = 0; j < nb; ++j) {
-            const T dj = dd[j * EC];
-            if (dj * dj - (k * nue[j] + knv) < T(0)) {
-              if (out[j] != T(0)) close[e * tiles + t].push_back({b0 + j, c, out[j]});
-              out[j] = T(0);
-            }
+        for (int j = 0; j < nb; ++j) {
+          const T dj = dp[(b0 + j) * EC + i];
+          if (dj * dj - (k * nu[e * s.B + b0 + j] + k * nv[i]) < T(0)) {
+            if (out[j] != T(0)) close[e * tiles + t].push_back({b0 + j, c, out[j]});
+            out[j] = T(0);
           }
+        }
       }
+  }
+}
+
+// Small-N products (see small_transform / small_grads), on rows of length B (b contiguous).
+//
+// rows_product: out[r, :] = sum_q A(r, q) in[q, :] with A(r, q) = A[r * ar + q * aq]: the
+// transform ut_e = F_e xt_m (ar = N, aq = 1) and dxt_m = sum_e F_e^T dut_e (ar = 1, aq = N).
+// Tiles of kC rows x kB columns held in registers while q runs, so each output is written once
+// (axpys over whole rows, the previous form, loaded and stored the output N times).
+template <typename T, bool kFull>
+MAHA_INLINE void product_tile(const T* A, int64_t ar, int64_t aq, const int64_t* rows, int64_t Q,
+                              const T* __restrict in, int64_t ld, int width, int nr, T* __restrict out) {
+  T acc[kC][kB];  // local and stored from inside: kept in registers
+  for (int k = 0; k < kC; ++k)
+    for (int j = 0; j < kB; ++j) acc[k][j] = T(0);
+  const int w = kFull ? kB : width;
+  for (int64_t q = 0; q < Q; ++q) {
+    const T* iq = in + q * ld;
+    for (int k = 0; k < kC; ++k) {
+      const T a = A[rows[k] * ar + q * aq];
+#pragma omp simd
+      for (int j = 0; j < w; ++j) acc[k][j] += a * iq[j];
+    }
+  }
+  for (int k = 0; k < kC; ++k)
+    if (k < nr) {
+#pragma omp simd
+      for (int j = 0; j < w; ++j) out[k * ld + j] = acc[k][j];
+    }
+}
+
+template <typename T>
+MAHA_INLINE void rows_product(const T* A, int64_t ar, int64_t aq, int64_t R, int64_t Q, const T* in, T* out,
+                              int64_t B) {
+  for (int64_t b0 = 0; b0 < B; b0 += kB) {
+    const int nb = static_cast<int>(std::min<int64_t>(kB, B - b0));
+    for (int64_t r0 = 0; r0 < R; r0 += kC) {
+      int64_t rows[kC];  // a short last block repeats its last row; those results are dropped
+      for (int k = 0; k < kC; ++k) rows[k] = std::min(r0 + k, R - 1);
+      const int nr = static_cast<int>(std::min<int64_t>(kC, R - r0));
+      T* o = out + r0 * B + b0;
+      if (nb == kB)
+        product_tile<T, true>(A, ar, aq, rows, Q, in + b0, B, nb, nr, o);
+      else
+        product_tile<T, false>(A, ar, aq, rows, Q, in + b0, B, nb, nr, o);
     }
   }
 }
 
-// Small-N loops (see small_transform / small_grads), vectorised over b, with m = e for a
-// per-member x and 0 for a shared one:
-//   forward:    ut[e, i, :] += F[e, i, j] xt[m, j, :]
-//   transposed: dxt[m, j, :] += F[e, i, j] dut[e, i, :]
-//   dF[e, i, j] = dut[e, i, :] . xt[m, j, :]
-template <typename T>
-MAHA_INLINE void small_axpy_loops(const T* F, const T* in, T* out, int64_t E, int64_t N, int64_t B, bool member,
-                                  bool transposed) {
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < N; ++j) {
-        const T f = F[(e * N + i) * N + j];
-        const int64_t ei = (e * N + i) * B, mj = ((member ? e : 0) * N + j) * B;
-        const T* src = in + (transposed ? ei : mj);
-        T* dst = out + (transposed ? mj : ei);
+// rows_dots: out[r * ldo + s] = sign * sum_b a[r, b] (u[s, b] - off[r * ldoff + s]) (off = 0
+// without kOff), for r < R, s < S: dF_e = dut_e xt_m^T and, in the difference form,
+// dv[e, c, n] = -sum_b w[e, c, b] (ut[e, n, b] - v[e, c, n]) with no transposition of ut.
+// kR x kS dots at a time (4 x 4, with 2- and 1-wide tiles at the edges so that no dot is
+// computed twice), each in a vector of kLanes partial sums: independent accumulators (a single
+// running dot is a chain of dependent adds), one horizontal sum per dot at the end.
+template <typename T, int kR, int kS, bool kOff>
+MAHA_INLINE void dot_tile(const T* a, const T* u, int64_t B, const T* off, int64_t ldoff, T sign, T* out,
+                          int64_t ldo) {
+  constexpr int kLanes = 64 / sizeof(T);  // one AVX-512 register
+  T o[kR][kS];
+  for (int k = 0; k < kR; ++k)
+    for (int l = 0; l < kS; ++l) o[k][l] = kOff ? off[k * ldoff + l] : T(0);
+  T acc[kR][kS][kLanes];
+  for (int k = 0; k < kR; ++k)
+    for (int l = 0; l < kS; ++l)
+      for (int j = 0; j < kLanes; ++j) acc[k][l][j] = T(0);
+  int64_t b = 0;
+  for (; b + kLanes <= B; b += kLanes)
+    for (int k = 0; k < kR; ++k)
+      for (int l = 0; l < kS; ++l) {
+        const T *ak = a + k * B + b, *ul = u + l * B + b;
 #pragma omp simd
-        for (int64_t b = 0; b < B; ++b) dst[b] += f * src[b];
+        for (int j = 0; j < kLanes; ++j) acc[k][l][j] += ak[j] * (kOff ? ul[j] - o[k][l] : ul[j]);
       }
+  // Horizontal sums by halving, each step one vector add per dot (a lane-by-lane scalar sum
+  // was as costly as the dots themselves).
+  for (int h = kLanes / 2; h >= 1; h /= 2)
+    for (int k = 0; k < kR; ++k)
+      for (int l = 0; l < kS; ++l)
+        for (int j = 0; j < h; ++j) acc[k][l][j] += acc[k][l][j + h];
+  for (int k = 0; k < kR; ++k)
+    for (int l = 0; l < kS; ++l) {
+      T sum = acc[k][l][0];
+      for (int64_t t = b; t < B; ++t) sum += a[k * B + t] * (kOff ? u[l * B + t] - o[k][l] : u[l * B + t]);
+      out[k * ldo + l] = sign * sum;
+    }
 }
 
+// One row block of kR rows against all S rows of u, in column blocks of 4, 2 and 1.
+template <typename T, int kR, bool kOff>
+MAHA_INLINE void dot_row_block(const T* a, const T* u, int64_t S, int64_t B, const T* off, int64_t ldoff, T sign,
+                               T* out, int64_t ldo) {
+  auto col_off = [&](int64_t s) { return kOff ? off + s : off; };  // off is null without kOff
+  int64_t s0 = 0;
+  for (; s0 + 4 <= S; s0 += 4) dot_tile<T, kR, 4, kOff>(a, u + s0 * B, B, col_off(s0), ldoff, sign, out + s0, ldo);
+  if (s0 + 2 <= S) {
+    dot_tile<T, kR, 2, kOff>(a, u + s0 * B, B, col_off(s0), ldoff, sign, out + s0, ldo);
+    s0 += 2;
+  }
+  if (s0 < S) dot_tile<T, kR, 1, kOff>(a, u + s0 * B, B, col_off(s0), ldoff, sign, out + s0, ldo);
+}
+
+template <typename T, bool kOff>
+MAHA_INLINE void rows_dots(const T* a, int64_t R, const T* u, int64_t S, int64_t B, const T* off, int64_t ldoff,
+                           T sign, T* out, int64_t ldo) {
+  int64_t r0 = 0;
+  auto row_off = [&](int64_t r) { return kOff ? off + r * ldoff : off; };
+  for (; r0 + 4 <= R; r0 += 4)
+    dot_row_block<T, 4, kOff>(a + r0 * B, u, S, B, row_off(r0), ldoff, sign, out + r0 * ldo, ldo);
+  if (r0 + 2 <= R) {
+    dot_row_block<T, 2, kOff>(a + r0 * B, u, S, B, row_off(r0), ldoff, sign, out + r0 * ldo, ldo);
+    r0 += 2;
+  }
+  if (r0 < R) dot_row_block<T, 1, kOff>(a + r0 * B, u, S, B, row_off(r0), ldoff, sign, out + r0 * ldo, ldo);
+}
+
+// The small products with dv [E, C, N]: dF[e, i, :] += dv[e, c, i] c[e, c, :] (to_factor) or
+// dc[e, c, :] += dv[e, c, i] F[e, i, :].
 template <typename T>
-MAHA_INLINE void small_dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int64_t N, int64_t B, bool member) {
+MAHA_INLINE void center_products(const T* dv, const T* rows, T* out, int64_t E, int64_t C, int64_t N, bool to_factor) {
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < N; ++j) {
-        const T* a = dut + (e * N + i) * B;
-        const T* xr = xt + ((member ? e : 0) * N + j) * B;
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t b = 0; b < B; ++b) acc += a[b] * xr[b];
-        dF[(e * N + i) * N + j] = acc;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < N; ++i) {
+        const T w = dv[(e * C + c) * N + i];
+        const T* src = rows + (to_factor ? (e * C + c) : (e * N + i)) * N;
+        T* dst = out + (to_factor ? (e * N + i) : (e * C + c)) * N;
+        for (int64_t j = 0; j < N; ++j) dst[j] += w * src[j];
       }
 }
 
@@ -322,21 +418,43 @@ MAHA_INLINE void small_dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int
                              int64_t begin, int64_t end) {                                          \
     dut_tiles<T>(s, ut, v, w, dut, begin, end);                                                     \
   }                                                                                                 \
-  MAHA_CLONES void dv_range(const Shape<T>& s, const T* u, const T* vp, int64_t Np, const T* w,     \
-                            T* dv, int64_t begin, int64_t end) {                                    \
-    dv_tiles_any<T>(s, u, vp, Np, w, dv, begin, end);                                               \
-  }                                                                                                 \
   MAHA_CLONES void weight_range(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu,  \
                                 const T* nv, T* wp, Pairs<T>* close, int64_t begin, int64_t end) {  \
     weight_tiles<T>(s, gp, dp, scale, nu, nv, wp, close, begin, end);                               \
   }                                                                                                 \
-  MAHA_CLONES void axpy_loops(const T* F, const T* in, T* out, int64_t E, int64_t N, int64_t B,      \
-                              bool member, bool transposed) {                                       \
-    small_axpy_loops<T>(F, in, out, E, N, B, member, transposed);                                   \
+  MAHA_CLONES void transpose(const T* in, int64_t rows, int64_t cols, T* out) {                    \
+    for (int64_t r0 = 0; r0 < rows; r0 += kB) {                                                     \
+      const int64_t nr = std::min<int64_t>(kB, rows - r0);                                          \
+      for (int64_t c = 0; c < cols; ++c) {                                                          \
+        const T* src = in + r0 * cols + c;                                                          \
+        T* dst = out + c * rows + r0;                                                               \
+        _Pragma("omp simd") for (int64_t r = 0; r < nr; ++r) dst[r] = src[r * cols];                \
+      }                                                                                             \
+    }                                                                                               \
   }                                                                                                 \
-  MAHA_CLONES void dF_loops(const T* dut, const T* xt, T* dF, int64_t E, int64_t N, int64_t B,      \
-                            bool member) {                                                          \
-    small_dF_loops<T>(dut, xt, dF, E, N, B, member);                                                \
+  MAHA_CLONES void column_norms(const T* u, int64_t N, int64_t B, T* out) {                        \
+    for (int64_t b0 = 0; b0 < B; b0 += kB) {                                                        \
+      const int64_t nb = std::min<int64_t>(kB, B - b0);                                             \
+      T acc[kB] = {};                                                                               \
+      for (int64_t n = 0; n < N; ++n)                                                               \
+        for (int64_t j = 0; j < nb; ++j) acc[j] += u[n * B + b0 + j] * u[n * B + b0 + j];           \
+      std::copy(acc, acc + nb, out + b0);                                                           \
+    }                                                                                               \
+  }                                                                                                 \
+  MAHA_CLONES void center_loops(const T* dv, const T* rows, T* out, int64_t E, int64_t C, int64_t N, \
+                                bool to_factor) {                                                   \
+    center_products<T>(dv, rows, out, E, C, N, to_factor);                                          \
+  }                                                                                                 \
+  MAHA_CLONES void products(const T* A, int64_t ar, int64_t aq, int64_t R, int64_t Q, const T* in, T* out,  \
+                            int64_t B) {                                                            \
+    rows_product<T>(A, ar, aq, R, Q, in, out, B);                                                   \
+  }                                                                                                 \
+  MAHA_CLONES void dots(const T* a, int64_t R, const T* u, int64_t S, int64_t B, const T* off,     \
+                        int64_t ldoff, T sign, T* out, int64_t ldo) {                               \
+    if (off)                                                                                        \
+      rows_dots<T, true>(a, R, u, S, B, off, ldoff, sign, out, ldo);                                \
+    else                                                                                            \
+      rows_dots<T, false>(a, R, u, S, B, off, ldoff, sign, out, ldo);                               \
   }
 MAHA_ENTRIES(float)
 MAHA_ENTRIES(double)
@@ -351,17 +469,8 @@ struct Norms {
   std::vector<T> nu, nv;
   Norms(const Shape<T>& s, const at::Tensor& ut, const at::Tensor& v) : nu(s.E * s.B), nv(s.E * s.C) {
     const T *up = ut.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
-    parallel(s.E * s.tiles_b(), kB * s.N, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t e = task / s.tiles_b(), b0 = (task % s.tiles_b()) * kB;
-        const int64_t nb = std::min<int64_t>(kB, s.B - b0);
-        T acc[kB] = {};
-        for (int64_t n = 0; n < s.N; ++n) {
-          const T* un = up + (e * s.N + n) * s.B + b0;
-          for (int64_t j = 0; j < nb; ++j) acc[j] += un[j] * un[j];
-        }
-        std::copy(acc, acc + nb, nu.data() + e * s.B + b0);
-      }
+    parallel(s.E, s.N * s.B, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) column_norms(up + e * s.N * s.B, s.N, s.B, nu.data() + e * s.B);
     });
     parallel(s.E * s.C, s.N, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -547,19 +656,12 @@ void distances_backward_typed(const at::Tensor& ut, const at::Tensor& v, const P
                [&](int64_t begin, int64_t end) { dut_range(s, up, vp, wp, out, begin, end); });
     }
     if (dv.defined()) {
-      // ut as [E, B, Np] and v as [E, C, Np], zero-padded: the padding adds 0 to the dropped columns.
-      const int64_t Np = (s.N + kNPad - 1) / kNPad * kNPad;
-      std::vector<T> u(s.E * s.B * Np, T(0)), vpad(s.E * s.C * Np, T(0));
-      for (int64_t e = 0; e < s.E; ++e)
-        for (int64_t n = 0; n < s.N; ++n) {
-          const T* row = up + (e * s.N + n) * s.B;
-          for (int64_t b = 0; b < s.B; ++b) u[(e * s.B + b) * Np + n] = row[b];
-        }
-      for (int64_t r = 0; r < s.E * s.C; ++r) std::copy(vp + r * s.N, vp + (r + 1) * s.N, vpad.data() + r * Np);
-      const T *ubp = u.data(), *vpp = vpad.data();
       T* out = dv.mutable_data_ptr<T>();
-      parallel(s.E * ((s.C + kC - 1) / kC), kC * s.B * Np,
-               [&](int64_t begin, int64_t end) { dv_range(s, ubp, vpp, Np, wp, out, begin, end); });
+      parallel(s.E, s.C * s.N * s.B, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e)
+          dots(wp + e * s.C * s.B, s.C, up + e * s.N * s.B, s.N, s.B, vp + e * s.C * s.N, s.N, T(-1),
+               out + e * s.C * s.N, s.N);
+      });
     }
   }
   // The close pairs from the difference, r = w F (x_b - c).
@@ -591,15 +693,13 @@ void distances_backward_cpu(const at::Tensor& ut, const at::Tensor& v, const Poi
 // small N: the transforms and gradient products as loops (MKL's per-call cost, ~10 us with two
 // threads, was most of the op at the papers' N = 10)
 
-// x transposed to [m][j][b] (m: member for a per-member x, else one), b contiguous.
+// x transposed to [m][j][b] (m: member for a per-member x, else one), b contiguous: x read as
+// [B, M * N] rows.
 template <typename T>
 std::vector<T> x_transposed(const at::Tensor& x, int64_t E, int64_t N) {
   const int64_t B = x.size(0), M = x.dim() == 3 ? E : 1;
-  const T* xp = x.const_data_ptr<T>();
   std::vector<T> xt(M * N * B);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < N; ++j) xt[(m * N + j) * B + b] = xp[(b * M + m) * N + j];
+  transpose(x.const_data_ptr<T>(), B, M * N, xt.data());
   return xt;
 }
 
@@ -607,11 +707,13 @@ template <typename T>
 std::pair<at::Tensor, at::Tensor> small_transform(const Points& p) {
   const int64_t E = p.F.size(0), N = p.F.size(1), B = p.x.size(0), C = p.c.size(1);
   const bool member = p.x.dim() == 3;
-  at::Tensor ut = at::zeros({E, N, B}, p.x.options()), v = at::empty({E, C, N}, p.x.options());
+  at::Tensor ut = at::empty({E, N, B}, p.x.options()), v = at::empty({E, C, N}, p.x.options());
   const std::vector<T> xt = x_transposed<T>(p.x, E, N);
   const T *F = p.F.const_data_ptr<T>(), *cp = p.c.const_data_ptr<T>();
   T* vp = v.mutable_data_ptr<T>();
-  axpy_loops(F, xt.data(), ut.mutable_data_ptr<T>(), E, N, B, member, false);
+  T* up = ut.mutable_data_ptr<T>();
+  for (int64_t e = 0; e < E; ++e)  // ut_e = F_e xt_m
+    products(F + e * N * N, N, 1, N, N, xt.data() + (member ? e : 0) * N * B, up + e * N * B, B);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < N; ++i) {
@@ -620,20 +722,6 @@ std::pair<at::Tensor, at::Tensor> small_transform(const Points& p) {
         vp[(e * C + c) * N + i] = acc;
       }
   return {ut, v};
-}
-
-// The small products with dv [E, C, N]: dF[e, i, :] += dv[e, c, i] c[e, c, :] (to_factor) or
-// dc[e, c, :] += dv[e, c, i] F[e, i, :].
-template <typename T>
-void center_products(const T* dv, const T* rows, T* out, int64_t E, int64_t C, int64_t N, bool to_factor) {
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < N; ++i) {
-        const T w = dv[(e * C + c) * N + i];
-        const T* src = rows + (to_factor ? (e * C + c) : (e * N + i)) * N;
-        T* dst = out + (to_factor ? (e * N + i) : (e * C + c)) * N;
-        for (int64_t j = 0; j < N; ++j) dst[j] += w * src[j];
-      }
 }
 
 // dx = F^T dut (summed over members for a shared x), dF = dut x^T + dv^T c, dc = dv F.
@@ -647,26 +735,27 @@ void small_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, c
   const T* du = dut.defined() ? dut.const_data_ptr<T>() : nullptr;
   const T* dvp = dv.defined() ? dv.const_data_ptr<T>() : nullptr;
   if (needs[0]) {
-    std::vector<T> dxt(M * N * B, T(0));  // [m][j][b]
-    axpy_loops(F, du, dxt.data(), E, N, B, member, true);
+    // dxt_m = sum_e F_e^T dut_e: for a shared x the sum over (e, i) is one product, since
+    // F [E, N, N] read as [E * N, N] rows and dut [E, N, B] as [E * N, B] rows line up.
+    std::vector<T> dxt(M * N * B);  // [m][j][b]
+    for (int64_t m = 0; m < M; ++m)
+      products(F + m * N * N, 1, N, N, member ? N : E * N, du + m * N * B, dxt.data() + m * N * B, B);
     at::Tensor dx = at::empty(p.x.sizes(), p.x.options());
-    T* dxp = dx.mutable_data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < N; ++j) dxp[(b * M + m) * N + j] = dxt[(m * N + j) * B + b];
+    transpose(dxt.data(), M * N, B, dx.mutable_data_ptr<T>());  // [m][j][b] -> [b][m][j]
     g.add(g.dx, dx);
   }
   if (needs[1]) {
     const std::vector<T> xt = x_transposed<T>(p.x, E, N);
     at::Tensor dF = at::empty({E, N, N}, p.x.options());
     T* dFp = dF.mutable_data_ptr<T>();
-    dF_loops(du, xt.data(), dFp, E, N, B, member);
-    center_products(dvp, cp, dFp, E, C, N, true);
+    for (int64_t e = 0; e < E; ++e)  // dF_e = dut_e xt_m^T
+      dots(du + e * N * B, N, xt.data() + (member ? e : 0) * N * B, N, B, nullptr, 0, T(1), dFp + e * N * N, N);
+    center_loops(dvp, cp, dFp, E, C, N, true);
     g.add(g.dF, dF);
   }
   if (needs[2]) {
     at::Tensor dc = at::zeros({E, C, N}, p.x.options());
-    center_products(dvp, F, dc.mutable_data_ptr<T>(), E, C, N, false);
+    center_loops(dvp, F, dc.mutable_data_ptr<T>(), E, C, N, false);
     g.add(g.dc, dc);
   }
 }

@@ -98,6 +98,8 @@ def _as_list(v, m: int, name: str) -> list:
 
 
 def _real(v, name: str, *, allow_inf: bool) -> float:
+    if type(v) is float and 0.0 <= v and (allow_inf or v != math.inf):  # the common case, fast
+        return v
     if isinstance(v, torch.Tensor) and v.dim() == 0:
         v = v.item()
     if not isinstance(v, numbers.Real) or isinstance(v, bool):
