@@ -760,7 +760,76 @@ void small_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, c
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// large N, lower-triangular factor (form "tril"): each product with F in two halves, rows or
+// columns split at h = N / 2, so that the zero block F[:h, h:] is never multiplied (a quarter
+// of the multiply-adds of the transforms and of the gradient products; ATen has no batched
+// triangular product). The halves are GEMMs written into views of the outputs.
+
+constexpr int64_t kSplitMinN = 128;  // below it the extra GEMM calls cost more than they save
+
+bool split_lower(const Points& p) { return p.lower && !p.diag && p.F.size(-1) >= kSplitMinN; }
+
+struct Halves {  // views of F and x
+  int64_t E, N, h, B;
+  at::Tensor F11, F22, Frows2, Fcols1, X;  // [E,h,h], [E,N-h,N-h], [E,N-h,N], [E,N,h], x as [E,N,B]
+  explicit Halves(const Points& p)
+      : E(p.F.size(0)), N(p.F.size(1)), h(N / 2), B(p.x.size(0)),
+        F11(p.F.narrow(1, 0, h).narrow(2, 0, h)), F22(p.F.narrow(1, h, N - h).narrow(2, h, N - h)),
+        Frows2(p.F.narrow(1, h, N - h)), Fcols1(p.F.narrow(2, 0, h)), X(x_columns(p.x).expand({E, N, B})) {}
+};
+
+// out = a b (batched) into a view of a larger tensor; accumulate: out += a b.
+void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false) {
+  if (accumulate)
+    out.baddbmm_(a, b);
+  else
+    at::bmm_out(out, a, b);
+}
+
+std::pair<at::Tensor, at::Tensor> lower_transform(const Points& p) {
+  const Halves H(p);
+  const int64_t C = p.c.size(1), N = H.N, h = H.h;
+  at::Tensor ut = at::empty({H.E, N, H.B}, p.x.options()), v = at::empty({H.E, C, N}, p.x.options());
+  bmm_into(ut.narrow(1, 0, h), H.F11, H.X.narrow(1, 0, h));        // ut[:h] = F11 x[:h]
+  bmm_into(ut.narrow(1, h, N - h), H.Frows2, H.X);                  // ut[h:] = F[h:, :] x
+  bmm_into(v.narrow(2, 0, h), p.c.narrow(2, 0, h), H.F11.transpose(1, 2));  // v[:, :h] = c[:, :h] F11^T
+  bmm_into(v.narrow(2, h, N - h), p.c, H.Frows2.transpose(1, 2));   // v[:, h:] = c F[h:, :]^T
+  return {ut, v};
+}
+
+void lower_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, const std::array<bool, 3>& needs,
+                 Grads& g) {
+  const Halves H(p);
+  const int64_t N = H.N, h = H.h;
+  const at::Tensor dut2 = dut.defined() ? dut.narrow(1, h, N - h) : dut;  // undefined when only dc is asked
+  if (needs[0]) {  // dx_e^T = F_e^T dut_e: columns j < h meet every row i, columns j >= h rows i >= h
+    at::Tensor dxt = at::empty({H.E, H.B, N}, p.x.options());  // [E, B, N]
+    bmm_into(dxt.narrow(2, 0, h), dut.transpose(1, 2), H.Fcols1);
+    bmm_into(dxt.narrow(2, h, N - h), dut2.transpose(1, 2), H.F22);
+    g.add(g.dx, p.x.dim() == 2 ? dxt.sum(0) : dxt.transpose(0, 1).contiguous());
+  }
+  if (needs[1]) {  // dF = dut x^T + dv^T c on the lower blocks; the zero block stays zero
+    at::Tensor dF = at::empty({H.E, N, N}, p.x.options());
+    dF.narrow(1, 0, h).narrow(2, h, N - h).zero_();
+    const at::Tensor Xt = H.X.transpose(1, 2), dvt = dv.transpose(1, 2);  // [E, B, N], [E, N, C]
+    at::Tensor top = dF.narrow(1, 0, h).narrow(2, 0, h), bottom = dF.narrow(1, h, N - h);
+    bmm_into(top, dut.narrow(1, 0, h), Xt.narrow(2, 0, h));
+    bmm_into(top, dvt.narrow(1, 0, h), p.c.narrow(2, 0, h), true);
+    bmm_into(bottom, dut2, Xt);
+    bmm_into(bottom, dvt.narrow(1, h, N - h), p.c, true);
+    g.add(g.dF, dF);
+  }
+  if (needs[2]) {  // dc = dv F: columns j < h meet every row i, columns j >= h rows i >= h
+    at::Tensor dc = at::empty({H.E, p.c.size(1), N}, p.x.options());
+    bmm_into(dc.narrow(2, 0, h), dv, H.Fcols1);
+    bmm_into(dc.narrow(2, h, N - h), dv.narrow(2, h, N - h), H.F22);
+    g.add(g.dc, dc);
+  }
+}
+
 std::pair<at::Tensor, at::Tensor> transform_cpu(const Points& p) {
+  if (split_lower(p)) return lower_transform(p);
   if (p.diag || p.F.size(-1) >= kGemmMinN) return transform(p);
   std::pair<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "mahalanobis_transform_cpu",
@@ -770,6 +839,7 @@ std::pair<at::Tensor, at::Tensor> transform_cpu(const Points& p) {
 
 void grads_cpu(const Points& p, const at::Tensor& dut, const at::Tensor& dv, const std::array<bool, 3>& needs,
                Grads& g) {
+  if (split_lower(p)) return lower_grads(p, dut, dv, needs, g);
   if (p.F.size(-1) >= kGemmMinN) return dense_grads(p.x, p.F, p.c, dut, dv, needs, g);
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "mahalanobis_grads_cpu",
                              [&] { small_grads<scalar_t>(p, dut, dv, needs, g); });

@@ -216,6 +216,7 @@ struct Points {
   at::Tensor c;  // [E, C, N]
   at::Tensor F;  // [E, N, N] dense factor, or [E, N] diagonal (diag)
   bool diag;
+  bool lower = false;  // F is lower-triangular (form tril): a kernel may skip its zero block
 };
 
 // Pairs closer than this, ||u - v||^2 < kClose (||u||^2 + ||v||^2), are recomputed from the
@@ -425,7 +426,7 @@ struct Acc {
     P = P0.to(t).contiguous();
     c = c0.to(t).contiguous();
     const bool diag = form == kDiag && !dense;
-    pts = Points{x, c, diag ? P : dense_factor(P, form).contiguous(), diag};
+    pts = Points{x, c, diag ? P : dense_factor(P, form).contiguous(), diag, form == kTril && !dense};
   }
 };
 

@@ -124,7 +124,9 @@ def test_noise_is_standard_normal():
 # ---------------------------------------------------------------------------------------------
 # every backend against the reference
 
-CPU_SHAPES = [(37, 3, 7, 11), (33, 2, 5, 67)]  # (B, E, C, N): difference form; GEMM expansion (N >= 32)
+# (B, E, C, N): difference form; GEMM expansion (N >= 32); GEMM expansion with the tril factor's
+# products split in halves around its zero block (N >= 128, odd so that the halves differ)
+CPU_SHAPES = [(37, 3, 7, 11), (33, 2, 5, 67), (9, 2, 3, 131)]
 
 
 def _shapes(backend):
@@ -167,6 +169,22 @@ def test_many_close_pairs_across_tiles_and_members(backend, form, shared):
     got = run(backend, mahalanobis, x, P, c, weights=w, form=form)
     want = reference_grads(x, P, c, form, weights=w)
     close(got, want, torch.float32, f"{backend} {form} close pairs")
+
+
+@pytest.mark.parametrize("backend", backend_params("mahalanobis", ("cpu",)))
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-x", "member-x"])
+def test_split_lower_factor_each_gradient_alone(backend, shared):
+    """The large-N tril products skip the factor's zero block, gradient by gradient: each of
+    dx, dP, dcenters asked alone (the others not computed) matches the float64 reference."""
+    B, E, C, N = 6, 2, 3, 129
+    x, P, c = make(B, E, C, N, "tril", shared=shared, seed=3)
+    w = torch.randn(B, E, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want = reference_grads(x, P, c, "tril", weights=w)
+    for i in range(3):
+        ins = [t.clone().requires_grad_(j == i) for j, t in enumerate((x, P, c))]
+        with use_backend(backend):
+            (g,) = torch.autograd.grad(mahalanobis(*ins, form="tril"), [ins[i]], w)
+        assert_close(g, want[1 + i], rtol=1e-9, atol=1e-9, what=f"gradient {i} alone")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
