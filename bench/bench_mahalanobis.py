@@ -31,13 +31,15 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench.bench_lp_step import _device_name, _pyens_ops, run_benchmark
+from bench._env import environment
+from bench.bench_lp_step import _call, _device_name, _pyens_ops, run_benchmark
 from bench.conftest import bench_device
 
 DTYPE = torch.float32
@@ -274,14 +276,118 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- interleaved
+def step_fn(shape: Shape, mode: str, provider: str, device: str):
+    """The timed call of ``test_mahalanobis`` for one provider (inputs built here)."""
+    x, P, c, noise = make_inputs(shape, device)
+    if shape.T and provider not in ("eager", "cdist"):
+        noise = _pyens_ops()[0].mahalanobis_noise(1, (shape.T, shape.E, shape.N, shape.N), device=device)
+    fn = layer_fn(shape, provider, noise)
+    leaves = [t.clone().requires_grad_() for t in (x, P, c)]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(x, P, c)
+    else:
+        def step():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).sum().backward()
+    return step
+
+
+def interleaved(shape: Shape, mode: str, device: str, *, rounds: int = 60, block_s: float = 0.02,
+                providers: list | None = None) -> dict:
+    """Every provider timed in alternating blocks of about ``block_s``, ``rounds`` times.
+
+    On a machine shared with other work the speed changes from second to second, and
+    pytest-benchmark times one provider after the other (a second or more each), so a
+    ratio of two of its medians can compare a slow phase with a fast one. Here each round
+    times one block of every provider back to back (the order rotating from round to round),
+    and the ratio is taken within the round: its median over the rounds is the side-by-side
+    figure. ``providers`` (default: the pyens backends, eager and cdist) can leave out a peer
+    whose calls would disturb the others (eager allocates 0.8 GB per call at the feature
+    shape). Returns per-provider medians (seconds per call) and the ratios' quartiles.
+    """
+    import statistics
+
+    providers = providers or [p for p in pyens_providers(device) if isinstance(p, str)] + ["eager", "cdist"]
+    steps, calls = {}, {}
+    for prov in providers:
+        with backend_forced(prov):
+            f = _call(step_fn(shape, mode, prov, device), device)
+            for _ in range(3):
+                f()
+            t0 = time.perf_counter()
+            f()
+            once = max(time.perf_counter() - t0, 1e-7)
+        steps[prov], calls[prov] = f, max(1, int(block_s / once))
+    per_call = {p: [] for p in providers}
+    for r in range(rounds):
+        order = providers[r % len(providers):] + providers[:r % len(providers)]
+        for prov in order:
+            with backend_forced(prov):
+                f, n = steps[prov], calls[prov]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()
+                per_call[prov].append((time.perf_counter() - t0) / n)
+    out = {"shape": shape.name, "mode": mode, "device": device, "device_name": _device_name(device),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds,
+           "calls_per_block": calls, "loadavg_1m": round(os.getloadavg()[0], 2),
+           "median_s": {p: statistics.median(v) for p, v in per_call.items()}, "ratios": {},
+           "env": environment(torch.device(device))}
+    for prov in providers:
+        if prov in ("eager", "cdist"):
+            continue
+        for peer in ("eager", "cdist"):
+            if peer not in per_call:
+                continue
+            q = sorted(a / b for a, b in zip(per_call[peer], per_call[prov]))
+            out["ratios"][f"{peer}/{prov}"] = {"median": statistics.median(q), "q1": q[len(q) // 4],
+                                               "q3": q[(3 * len(q)) // 4], "min": q[0], "max": q[-1]}
+    return out
+
+
+def render_interleaved(res: dict) -> str:
+    lines = [f"{res['shape']} {res['mode']} on {res['device_name']}: {res['rounds']} interleaved rounds "
+             f"(load {res['loadavg_1m']})", "", "| provider | median per call (ms) |", "| --- | ---: |"]
+    lines += [f"| {p} | {m * 1e3:.4g} |" for p, m in res["median_s"].items()]
+    lines += ["", "| ratio (peer / pyens, per round) | median | quartiles | range |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {v['median']:.2f} | {v['q1']:.2f} - {v['q3']:.2f} | {v['min']:.2f} - {v['max']:.2f} |"
+              for k, v in res["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_mahalanobis", description="Markdown report of a run")
-    ap.add_argument("results", help="pytest-benchmark --benchmark-json file")
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_mahalanobis",
+                                 description="Markdown report of a pytest-benchmark run, or an interleaved "
+                                             "side-by-side measurement of one shape (--interleaved)")
+    ap.add_argument("results", nargs="?", help="pytest-benchmark --benchmark-json file to render")
     ap.add_argument("--markdown", nargs="?", const="", default=None, metavar="PATH",
                     help="also write the Markdown to PATH (default: RESULTS with .md)")
+    ap.add_argument("--interleaved", action="store_true", help="time the providers in alternating blocks")
+    ap.add_argument("--shape", default="paper-256x5x10x10", choices=sorted(SHAPES))
+    ap.add_argument("--mode", default="fwd+bwd", choices=MODES)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--block-s", type=float, default=0.02, help="seconds of calls per provider and round")
+    ap.add_argument("--providers", help="comma-separated, e.g. cpu,cdist (default: every provider)")
+    ap.add_argument("--json", metavar="PATH", help="with --interleaved: write the result as JSON to PATH")
     args = ap.parse_args(argv)
+    if args.interleaved:
+        res = interleaved(SHAPES[args.shape], args.mode, args.device, rounds=args.rounds, block_s=args.block_s,
+                          providers=args.providers.split(",") if args.providers else None)
+        text = render_interleaved(res)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+            Path(args.json).with_suffix(".md").write_text(text)
+        return 0
+    if args.results is None:
+        ap.error("give a results JSON file, or --interleaved")
     with open(args.results) as f:
         text = render(json.load(f))
     print(text)

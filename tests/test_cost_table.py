@@ -103,3 +103,23 @@ def test_readme_block_is_spliced_into_the_performance_section(cost_rows, tmp_pat
 def test_device_cuda_without_a_gpu_says_so():
     with pytest.raises(SystemExit, match="cuda.is_available"):
         _env.resolve_device("cuda")
+
+
+def test_mahalanobis_interleaved_ratios(tmp_path, monkeypatch):
+    """The interleaved side-by-side measurement: every provider timed each round, ratios per
+    round, JSON and Markdown written (tiny shape; the figures themselves are not asserted)."""
+    from bench import bench_mahalanobis as bm
+
+    tiny = bm.Shape("tiny-6x2x3x5", 6, 2, 3, 5)
+    monkeypatch.setitem(bm.SHAPES, tiny.name, tiny)
+    out = tmp_path / "inter.json"
+    assert bm.main(["--interleaved", "--shape", tiny.name, "--rounds", "3", "--block-s", "0.001",
+                    "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rounds"] == 3 and set(res["median_s"]) >= {"cpu", "eager", "cdist"}
+    assert set(res["ratios"]) == {"eager/cpu", "cdist/cpu"}
+    for q in res["ratios"].values():
+        assert 0 < q["min"] <= q["q1"] <= q["median"] <= q["q3"] <= q["max"]
+    assert "eager/cpu" in out.with_suffix(".md").read_text()
+    res = bm.interleaved(tiny, "fwd", "cpu", rounds=2, block_s=0.001, providers=["cpu", "cdist"])
+    assert set(res["ratios"]) == {"cdist/cpu"}
