@@ -1,13 +1,15 @@
 // CPU kernels of the Mahalanobis distance map (DML eq. 2) and its randomized version (eq. 5).
-// The driver (mahalanobis.h) transforms the points with GEMMs, ut[e, :, b] = F_e x_b and
+// The driver (mahalanobis.h) transforms the points, ut[e, :, b] = F_e x_b and
 // v[e, c, :] = F_e c; the kernels here turn those into distances and back into (dut, dv):
 //
 // * N < kGemmMinN (the papers' MNIST/CIFAR DMLs, N = 10): the difference form
-//   sum_n (ut[e, n, b] - v[e, c, n])^2, register-tiled over 32 columns b x 4 centers c and
-//   vectorised over b (the layout [E, N, B] makes b contiguous).
+//   sum_n (ut[e, n, b] - v[e, c, n])^2, register-tiled over 32 columns b x 5 centers c and
+//   vectorised over b (the layout [E, N, B] makes b contiguous); the transforms and the
+//   gradient products are register-tiled loops too (MKL's per-call cost dominated here).
 // * N >= kGemmMinN (RESISC-45's N = 45, feature-space DMLs): the expansion
 //   ||u||^2 + ||v||^2 - 2 u.v with the cross term a GEMM (MKL, at::bmm) and a fused
-//   epilogue; the backward's far-pair terms are two GEMMs.
+//   epilogue; the backward's far-pair terms are two GEMMs. From kSplitMinN on, a tril factor's
+//   products skip its zero upper-right block.
 // * Both: every pair with ||u - v||^2 < kClose (||u||^2 + ||v||^2) is recomputed from the
 //   input-space difference y = F_e (x_b - c), in the forward and in the backward (u and v are
 //   rounded separately, so their difference, let alone the expansion, is inaccurate for pairs
