@@ -180,17 +180,34 @@ def _check(got, want, what):
 
 
 # ----------------------------------------------------------------------------- benchmark
+def build(shape: Shape, mode: str, provider: str, device: str):
+    """One provider's case: ``((x, P, centers), noise, fn, leaves, step)``, ``step`` the timed call.
+
+    For R-DML the pyens draws come from the seed (``noise`` is then the seed's draws) and the
+    peers get the same draws explicitly."""
+    x, P, c, noise = make_inputs(shape, device)
+    if shape.T and provider not in ("eager", "cdist"):
+        noise = _pyens_ops()[0].mahalanobis_noise(1, (shape.T, shape.E, shape.N, shape.N), device=device)
+    fn = layer_fn(shape, provider, noise)
+    leaves = [t.clone().requires_grad_() for t in (x, P, c)]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(x, P, c)
+    else:
+        def step():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).sum().backward()
+            return leaves[0].grad
+    return (x, P, c), noise, fn, leaves, step
+
+
 def test_mahalanobis(benchmark, device, case):
     shape_name, mode, provider = case
     shape = SHAPES[shape_name]
-    x, P, c, noise = make_inputs(shape, device)
-    if shape.T and provider not in ("eager", "cdist"):
-        # the pyens draws come from the seed; the peers get the same draws explicitly
-        ops, _ = _pyens_ops()
-        noise = ops.mahalanobis_noise(1, (shape.T, shape.E, shape.N, shape.N), device=device)
     with backend_forced(provider):
-        fn = layer_fn(shape, provider, noise)
-        leaves = [t.clone().requires_grad_() for t in (x, P, c)]
+        (x, P, c), noise, fn, leaves, step = build(shape, mode, provider, device)
         benchmark.group = f"{shape.name} {mode}"
         benchmark.extra_info.update(
             op="mahalanobis", device=device, device_name=_device_name(device), threads=torch.get_num_threads(),
@@ -199,23 +216,9 @@ def test_mahalanobis(benchmark, device, case):
             flops=shape.flops(mode), saved_bytes=saved_bytes(fn, leaves), cpus=os.cpu_count(),
             loadavg_1m=round(os.getloadavg()[0], 2),  # a busy machine makes CPU timings noisy
         )
-        if shape.T:  # correctness guard on the same draws: pyens and the peers compute the same thing
-            z = noise if provider in ("eager", "cdist") else _pyens_ops()[0].mahalanobis_noise(
-                1, (shape.T, shape.E, shape.N, shape.N), device=device)
-            _check(fn(x, P, c).detach(), cdist_randomized(x, P, c, z), f"{shape.name} {provider}")
-        else:
-            _check(fn(x, P, c).detach(), eager(x.double(), P.double(), c.double()).float(), f"{shape.name} {provider}")
-
-        if mode == "fwd":
-            def step():
-                with torch.no_grad():
-                    return fn(x, P, c)
-        else:
-            def step():
-                for t in leaves:
-                    t.grad = None
-                fn(*leaves).sum().backward()
-                return leaves[0].grad
+        # correctness guard (R-DML: on the same draws): pyens and the peers compute the same thing
+        want = cdist_randomized(x, P, c, noise) if shape.T else eager(x.double(), P.double(), c.double()).float()
+        _check(fn(x, P, c).detach(), want, f"{shape.name} {provider}")
         run_benchmark(benchmark, step, device, target_s=0.4, max_rounds=100)
 
 
@@ -277,25 +280,6 @@ def render(data: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- interleaved
-def step_fn(shape: Shape, mode: str, provider: str, device: str):
-    """The timed call of ``test_mahalanobis`` for one provider (inputs built here)."""
-    x, P, c, noise = make_inputs(shape, device)
-    if shape.T and provider not in ("eager", "cdist"):
-        noise = _pyens_ops()[0].mahalanobis_noise(1, (shape.T, shape.E, shape.N, shape.N), device=device)
-    fn = layer_fn(shape, provider, noise)
-    leaves = [t.clone().requires_grad_() for t in (x, P, c)]
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn(x, P, c)
-    else:
-        def step():
-            for t in leaves:
-                t.grad = None
-            fn(*leaves).sum().backward()
-    return step
-
-
 def interleaved(shape: Shape, mode: str, device: str, *, rounds: int = 60, block_s: float = 0.02,
                 providers: list | None = None) -> dict:
     """Every provider timed in alternating blocks of about ``block_s``, ``rounds`` times.
@@ -315,7 +299,7 @@ def interleaved(shape: Shape, mode: str, device: str, *, rounds: int = 60, block
     steps, calls = {}, {}
     for prov in providers:
         with backend_forced(prov):
-            f = _call(step_fn(shape, mode, prov, device), device)
+            f = _call(build(shape, mode, prov, device)[-1], device)
             for _ in range(3):
                 f()
             t0 = time.perf_counter()
