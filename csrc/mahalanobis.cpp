@@ -654,10 +654,10 @@ void distances_cpu(const at::Tensor& ut, const at::Tensor& v, const Points& p, a
 // ---------------------------------------------------------------------------------------------
 // the backward
 
-// w[e, c, b] = scale * grad / d (0 where d = 0), transposed from [B, E, C] to [E, C, B]: the
-// division runs over contiguous (e, c), the transposition through a 32-column tile in L1. The
-// close pairs (judged from d^2, which stands for ||u - v||^2 + eps) leave w, with their
-// weights, for close[e * tiles_b + tile]; the test is vectorised, the rare hits handled apart.
+// w[e, c, b] = scale * grad / d (0 where d = 0), in the [E, C, B] layout of the small-N
+// kernels (grad and d are [B, E, C]; see weight_rows). The close pairs (judged from d^2, which
+// stands for ||u - v||^2 + eps) leave w, with their weights, for close[e * tiles_b + tile]; the
+// test is vectorised, the rare hits handled apart.
 template <typename T>
 at::Tensor weights(const Shape<T>& s, const at::Tensor& grad, const at::Tensor& d, T scale, const T* nu,
                    const T* nv, std::vector<Pairs<T>>& close) {
