@@ -225,6 +225,13 @@ MAHA_INLINE void dut_tiles(const Shape<T>& s, const T* ut, const T* v, const T* 
 // (d^2 stands for ||u - v||^2 + eps) rides along as a per-lane minimum of the margins over the
 // whole tile, reduced once per tile (a reduction per row cost as much as the division). Returns
 // whether some margin is negative (a close pair).
+// The backward's close-pair test: margin < 0 for a close pair, with knv = kClose * ||v||^2
+// (d^2 stands for ||u - v||^2 + eps). One definition for the vectorised pass and the rescan.
+template <typename T>
+MAHA_INLINE T close_margin(T d, T nu, T knv) {
+  return d * d - (T(kClose) * nu + knv);
+}
+
 template <typename T, bool kFull>
 MAHA_INLINE bool weight_rows(const Shape<T>& s, const T* gp, const T* dp, T scale, const T* nu, const T* nv, T* wp,
                              int64_t b0, int nb) {
@@ -243,7 +250,7 @@ MAHA_INLINE bool weight_rows(const Shape<T>& s, const T* gp, const T* dp, T scal
 #pragma omp simd
       for (int j = 0; j < w; ++j) {
         const T dj = dd[j * EC], wv = scale * g[j * EC] / dj;
-        const T margin = dj * dj - (k * nue[j] + knv);
+        const T margin = close_margin(dj, nue[j], knv);
         out[j] = dj == T(0) ? T(0) : wv;
         lowest[j] = margin < lowest[j] ? margin : lowest[j];
       }
@@ -273,7 +280,7 @@ MAHA_INLINE void weight_tiles(const Shape<T>& s, const T* gp, const T* dp, T sca
         T* out = wp + i * s.B + b0;
         for (int j = 0; j < nb; ++j) {
           const T dj = dp[(b0 + j) * EC + i];
-          if (dj * dj - (k * nu[e * s.B + b0 + j] + k * nv[i]) < T(0)) {
+          if (close_margin(dj, nu[e * s.B + b0 + j], k * nv[i]) < T(0)) {
             if (out[j] != T(0)) close[e * tiles + t].push_back({b0 + j, c, out[j]});
             out[j] = T(0);
           }
@@ -845,9 +852,10 @@ void lower_grads(const Points& p, const at::Tensor& dut, const at::Tensor& dv, c
     bmm_into(dxt.narrow(2, h, N - h), dut2.transpose(1, 2), H.F22);
     g.add(g.dx, p.x.dim() == 2 ? dxt.sum(0) : dxt.transpose(0, 1).contiguous());
   }
-  if (needs[1]) {  // dF = dut x^T + dv^T c on the lower blocks; the zero block stays zero
+  if (needs[1]) {  // dF = dut x^T + dv^T c on the lower blocks
+    // The block dF[:h, h:] is left unwritten: factor_grad zeroes dF's whole upper triangle,
+    // which contains it (grads_cpu serves only form tril here, see split_lower).
     at::Tensor dF = at::empty({H.E, N, N}, p.x.options());
-    dF.narrow(1, 0, h).narrow(2, h, N - h).zero_();
     const at::Tensor Xt = H.X.transpose(1, 2), dvt = dv.transpose(1, 2);  // [E, B, N], [E, N, C]
     at::Tensor top = dF.narrow(1, 0, h).narrow(2, 0, h), bottom = dF.narrow(1, h, N - h);
     bmm_into(top, dut.narrow(1, 0, h), Xt.narrow(2, 0, h));
