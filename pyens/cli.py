@@ -112,6 +112,7 @@ _TRAIN_FLAGS = {
     "eps": _csv(float), "alpha": _csv(float), "steps": int, "k": int, "outer": str, "epochs": int,
     "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "schedule": str,
     "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int, "eps_warmup": float,
+    "input_repetition": float,
 }
 
 

@@ -166,6 +166,29 @@ def test_mimo_batch_gives_each_slot_a_permutation_of_the_batch():
     assert torch.equal(one_x[:, 0], x) and torch.equal(one_y[:, 0], y)
 
 
+def test_mimo_batch_input_repetition():
+    b, m = 400, 3
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1)
+    y = torch.arange(b)
+    plain, _ = pn.mimo_batch(x, y, m, generator=torch.Generator().manual_seed(1))
+    zero, _ = pn.mimo_batch(x, y, m, generator=torch.Generator().manual_seed(1), repetition=0.0)
+    assert torch.equal(zero, plain)  # rho = 0 is the plain shuffles, same random stream
+    same, ys = pn.mimo_batch(x, y, m, generator=torch.Generator().manual_seed(1), repetition=1.0)
+    assert torch.equal(same, x[:, None].expand(b, m, 1, 1, 1)) and torch.equal(ys, y[:, None].expand(b, m))
+    half, ys = pn.mimo_batch(x, y, m, generator=torch.Generator().manual_seed(1), repetition=0.5)
+    ids = half[:, :, 0, 0, 0].long()
+    assert torch.equal(ids, ys) and torch.equal(ids[:, 0], torch.arange(b))
+    repeated = (ids == ids[:, :1]).all(dim=1)
+    # a repeated row is all slot 0; any other row is the plain shuffle's row
+    assert torch.equal(ids[~repeated], plain[:, :, 0, 0, 0].long()[~repeated])
+    assert 150 < int(repeated.sum()) < 250  # Binomial(400, 0.5 + ~1/400^2): 5 sigma is +-50
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"repetition must be in \[0, 1\]"):
+            pn.mimo_batch(x, y, m, repetition=bad)
+    with pytest.raises(TypeError, match="repetition must be a number"):
+        pn.mimo_batch(x, y, m, repetition="0.5")
+
+
 # --------------------------------------------------------------------------- Ensemble
 class Tag(nn.Module):
     """Returns its input's first K pixels plus a member tag: shows which model saw which slot."""

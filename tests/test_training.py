@@ -41,6 +41,25 @@ def test_passes_per_batch_equal_table_6(method):
     assert (count.forward, count.backward) == get_method(method).passes(k, cfg.members), method
 
 
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if get_method(m).kind == "mimo"))
+def test_mimo_methods_draw_inputs_with_the_configured_repetition(method, monkeypatch):
+    import pyens.nn
+
+    seen, real = [], pyens.nn.mimo_batch
+
+    def recording(x, y, members, **kw):
+        seen.append(kw.get("repetition"))
+        return real(x, y, members, **kw)
+
+    monkeypatch.setattr(pyens.nn, "mimo_batch", recording)
+    cfg = TrainConfig(method=method, steps=1, members=3, input_repetition=1.0).resolved()
+    torch.manual_seed(0)
+    net = build_network(cfg, _tiny_data())
+    ctx = StepContext(net=net, train_net=net, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    get_method(method).loss(ctx, torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))
+    assert seen == [1.0], method
+
+
 def test_table_6_formulas_at_k10_m3():
     table = {m: get_method(m).passes(10, 3) for m in METHODS}
     assert table["standard"] == table["mimo"] == (1, 1)
@@ -111,6 +130,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
     (dict(optimizer="rmsprop"), "optimizer must be one of"),
     (dict(dataset="imagenet"), "dataset must be one of"),
     (dict(device="tpu"), "device must be"),
+    (dict(input_repetition=1.5), r"input_repetition must be in \[0, 1\]"),
+    (dict(input_repetition=float("nan")), r"input_repetition must be in \[0, 1\]"),
 ])
 def test_bad_config_names_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):

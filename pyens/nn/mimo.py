@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.nn._checks import positive_int
+from pyens.nn._checks import positive_int, probability
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.ensemble import MemberEnsemble
 from pyens.nn.normalize import Normalize
@@ -81,13 +81,18 @@ class MIMOMember(nn.Module):
 
 
 def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               repetition: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MIMO training inputs: M shuffles of one batch, one per slot (MIMO paper's input sampling).
 
     Args:
         x: ``[B, C, H, W]`` images; y: ``[B]`` labels.
         members: M.
         generator: source of the shuffles.
+        repetition: input repetition rho (Havasi et al., Sec. 3.4): each example, with
+            probability rho, fills every slot with its own image instead of the shuffles'.
+            ``1.0`` gives every slot the same batch, as in the MAT paper's Algorithm 1
+            (``adv = x``); ``0.0`` (default) draws no extra random numbers.
 
     Returns:
         ``(x [B, M, C, H, W], y [B, M])`` with ``x[:, m] = x[perm_m]``, ``y[:, m] = y[perm_m]``.
@@ -102,8 +107,14 @@ def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
     b = x.shape[0]
     if y.shape != (b,):
         raise ValueError(f"y must be [B={b}] labels matching x; got shape {tuple(y.shape)}")
+    repetition = probability("repetition", repetition)
     device = generator.device if generator is not None else torch.device("cpu")
     perms = [torch.arange(b, device=device)]
     perms += [torch.randperm(b, generator=generator, device=device) for _ in range(members - 1)]
-    index = torch.stack(perms, dim=1).to(x.device)  # [B, M]
+    index = torch.stack(perms, dim=1)  # [B, M]
+    if repetition > 0.0:
+        repeat = torch.rand(b, generator=generator, device=device) < repetition
+        index = torch.where(repeat[:, None], perms[0][:, None], index)
+    index = index.to(x.device)
     return x[index], y[index]
+

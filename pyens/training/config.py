@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+from pyens.nn._checks import probability
+
 NORMS = ("linf", "l2", "l1")
 
 # MAT paper, Appendix C.1 (training) — keyed by dataset, then norm.
@@ -56,6 +58,9 @@ class TrainConfig:
         eps_warmup: ramp the training radii (and step sizes) linearly from 0 to ``eps``
             over this fraction of training (0 = the full radius from the first step).
         outer: MAT's outer loss over members: ``"max"`` (Algorithm 1) or ``"sum"`` (eq. 4).
+        input_repetition: MIMO methods: probability that an example fills every input slot
+            (Havasi et al.'s rho); 1.0 = every slot the same batch (the MAT paper's
+            Algorithm 1), 0.0 = independent shuffles (eq. 3).
         epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule: Appendix C.1.
         train_size: use only the first ``train_size`` training examples (0 = all).
         eval_size: clean-accuracy examples checked at each epoch end (first of the test split).
@@ -76,6 +81,7 @@ class TrainConfig:
     random_start: bool = False
     eps_warmup: float = 0.0
     outer: str = "sum"
+    input_repetition: float = 0.0
     epochs: int = 5
     batch_size: int = 100
     optimizer: str = "adam"
@@ -122,6 +128,7 @@ class TrainConfig:
         _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
         _choice(cfg.schedule, SCHEDULES, "schedule")
         _choice(cfg.outer, OUTER_LOSSES, "outer")
+        cfg.input_repetition = probability("input_repetition", cfg.input_repetition)
         for name in ("lr", "weight_decay", "momentum"):
             v = float(getattr(cfg, name))
             if not math.isfinite(v) or v < 0:

@@ -293,7 +293,7 @@ class _Trainer:
             g = torch.Generator().manual_seed(self.cfg.seed)
             x = self.data.images[:128].to(self.device)
             y = self.data.labels[:128].to(self.device)
-            xm, ym = mimo_batch(x, y, self.cfg.members, generator=g)
+            xm, ym = mimo_batch(x, y, self.cfg.members, generator=g, repetition=self.cfg.input_repetition)
             self.net.eval()
             out["cross_gradient_ratio"] = [float(r) for r in cross_gradient_ratio(self.net, xm, ym)]
             mimo_inputs = (xm, ym)

@@ -193,7 +193,8 @@ class Mimo(Method):
     def loss(self, ctx, x, y):
         from pyens.nn import mimo_batch
 
-        xm, ym = mimo_batch(x, y, ctx.cfg.members, generator=ctx.generator)
+        xm, ym = mimo_batch(x, y, ctx.cfg.members, generator=ctx.generator,
+                            repetition=ctx.cfg.input_repetition)
         return _member_output(ctx.train_net(xm), ym, "sum")
 
 
@@ -302,7 +303,7 @@ class _MimoAdversarial(Method):
         from pyens.nn import mimo_batch
 
         cfg = ctx.cfg
-        xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator)
+        xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator, repetition=cfg.input_repetition)
         with _attack_mode(ctx.net):
             x_adv = mimo_pgd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps,
                              k=cfg.k, gradient=self.gradient, random_start=cfg.random_start)
@@ -346,7 +347,7 @@ class MATMSD(Method):
         from pyens.nn import mimo_batch
 
         cfg = ctx.cfg
-        xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator)
+        xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator, repetition=cfg.input_repetition)
         with _attack_mode(ctx.net):
             x_adv = mimo_msd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha,
                              steps=cfg.steps, k=cfg.k)
