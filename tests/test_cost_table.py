@@ -3,6 +3,8 @@ plumbing. Tiny K, M and B; never a timing in an assertion."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,14 @@ def test_mahalanobis_interleaved_ratios(tmp_path, monkeypatch):
     assert "eager/cpu" in out.with_suffix(".md").read_text()
     res = bm.interleaved(tiny, "fwd", "cpu", rounds=2, block_s=0.001, providers=["cpu", "cdist"])
     assert set(res["ratios"]) == {"cdist/cpu"}
+
+
+def test_gpu_session_script_parses_and_rejects_unknown_stages(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bad = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(tmp_path)})
+    assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh test|bench|train" in bad.stderr
+    assert not any(tmp_path.iterdir())  # nothing archived for a stage that does not exist
