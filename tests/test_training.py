@@ -130,6 +130,7 @@ def test_existing_run_is_never_overwritten(tmp_path):
     (dict(optimizer="rmsprop"), "optimizer must be one of"),
     (dict(dataset="imagenet"), "dataset must be one of"),
     (dict(device="tpu"), "device must be"),
+    (dict(eps_warmup=-0.5), r"eps_warmup must be in \[0, 1\]"),
     (dict(input_repetition=1.5), r"input_repetition must be in \[0, 1\]"),
     (dict(input_repetition=float("nan")), r"input_repetition must be in \[0, 1\]"),
 ])

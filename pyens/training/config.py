@@ -120,8 +120,7 @@ class TrainConfig:
         cfg.members = method.members(norms, cfg.members)
         for name in ("steps", "k", "epochs", "batch_size"):
             _positive_int(getattr(cfg, name), name)
-        if not 0.0 <= float(cfg.eps_warmup) <= 1.0:
-            raise ValueError(f"eps_warmup must be in [0, 1], got {cfg.eps_warmup!r}")
+        cfg.eps_warmup = probability("eps_warmup", cfg.eps_warmup)
         for name in ("train_size", "max_steps"):
             if int(getattr(cfg, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
