@@ -131,8 +131,8 @@ def test_gpu_session_script_parses_and_rejects_unknown_stages(tmp_path):
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    bad = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True,
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    bad = subprocess.run(["bash", str(script), "nope"], check=False, capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path)})
     assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh test|bench|train" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing archived for a stage that does not exist

@@ -117,4 +117,3 @@ def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
         index = torch.where(repeat[:, None], perms[0][:, None], index)
     index = index.to(x.device)
     return x[index], y[index]
-
