@@ -136,3 +136,20 @@ def test_gpu_session_script_parses_and_rejects_unknown_stages(tmp_path):
                          env={**os.environ, "OUT": str(tmp_path)})
     assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh test|bench|train" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing archived for a stage that does not exist
+
+
+def test_backward_cost_times_every_pass_and_derives_b_over_f(tmp_path):
+    from bench import backward_cost
+
+    path = tmp_path / "b.json"
+    assert backward_cost.main(["--batch-size", "4", "--rounds", "2", "--calls", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    passes = result["passes"]
+    assert list(passes) == list(backward_cost.KINDS)
+    for kind, row in passes.items():
+        assert 0 < row["q1_ms"] <= row["median_ms"] <= row["q3_ms"], kind
+    for kind in ("attack step", "training step"):
+        expected = (passes[kind]["median_ms"] - passes["forward+graph"]["median_ms"]) / passes["forward"]["median_ms"]
+        assert passes[kind]["backward_over_forward"] == pytest.approx(expected)
+    assert result["commit"] is not None and result["batch_size"] == 4
+    assert "| attack step |" in backward_cost.markdown(result)
