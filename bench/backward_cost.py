@@ -106,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the result to PATH")
     args = ap.parse_args(argv)
+    for name in ("batch_size", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(backbone=args.backbone, batch_size=args.batch_size, device=args.device,

@@ -153,3 +153,12 @@ def test_backward_cost_times_every_pass_and_derives_b_over_f(tmp_path):
         assert passes[kind]["backward_over_forward"] == pytest.approx(expected)
     assert result["commit"] is not None and result["batch_size"] == 4
     assert "| attack step |" in backward_cost.markdown(result)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--rounds", "--calls"])
+def test_backward_cost_rejects_counts_below_one(flag, capsys):
+    from bench import backward_cost
+
+    with pytest.raises(SystemExit):
+        backward_cost.main([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
