@@ -433,7 +433,7 @@ def test_distances_are_nonnegative_and_zero_at_the_centers(problem):
     d = mahalanobis(x, P, c, form=form, eps=0.0)
     assert (d >= 0).all()
     on = c.clone()
-    on[:, 0] = x[0] if x.dim() == 2 else x[0]
+    on[:, 0] = x[0]
     d = mahalanobis(x, P, on, form=form, eps=1e-12)
     assert torch.allclose(d[0, :, 0], torch.full_like(d[0, :, 0], 1e-6), rtol=1e-9, atol=0)
 
