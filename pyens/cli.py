@@ -220,7 +220,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-n", type=int, default=1000, help="test images (the papers use the first 1000)")
     g.add_argument("--eval-steps", type=int, default=50, help="PGD steps per attack")
-    g.add_argument("--eval-restarts", type=int, default=1)
+    g.add_argument("--eval-restarts", type=int, default=1,
+                   help="PGD runs per attack; above 1 each starts at a random point of the ball")
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--eval-device", default=None, help="default: auto")
     g.add_argument("--markdown", default=None, help="also write the table to this Markdown file")

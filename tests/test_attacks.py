@@ -452,12 +452,22 @@ def bad_calls(net, mimo, batch, mbatch):
     yield "alpha", lambda: mimo_msd(mimo, mx, my, **{**msd, "alpha": [0.1, 0.2]})
     yield "y must be", lambda: cross_gradient_ratio(mimo, mx, my[:2])
     yield "delta must", lambda: mimo_gradient(mimo, mx, my, delta=mx[:, :2])
+    nan_x = x.clone()
+    nan_x[0, 0] = float("nan")
+    yield "x must be finite", lambda: PGD(net, **pgd)(nan_x, y)
+    yield "y must hold class labels >= 0", lambda: PGD(net, **pgd)(x, torch.full_like(y, -100))
+    yield r"y must hold class labels in \[0, 3\)", lambda: PGD(net, **pgd)(x, torch.full_like(y, CLASSES))
+    yield r"y must hold class labels in \[0, 3\)", lambda: MSD(net, **msd)(x, torch.full_like(y, CLASSES))
+    yield "y must hold class labels >= 0", lambda: mimo_pgd(mimo, mx, my - 200, **mpgd)
+    yield "restarts=3 needs random_start=True", lambda: PGD(net, **pgd, restarts=3)
+    yield "delta must be finite", lambda: mimo_gradient(mimo, mx, my, delta=torch.full_like(mx, float("nan")))
 
 
 BAD = ["norm", "eps", "alpha", "steps", "restarts", "k", "loss", "projection", "box", "y-shape", "x-box",
        "model-output", "fgsm-eps", "bim-steps", "msd-norms", "msd-eps-length", "msd-steps", "mimo-norms-length",
        "mimo-alpha-length", "mimo-eps-negative", "mimo-steps", "mimo-gradient", "mimo-y-shape",
-       "mimo-msd-alpha-length", "ratio-y-shape", "gradient-delta-shape"]
+       "mimo-msd-alpha-length", "ratio-y-shape", "gradient-delta-shape", "x-nan", "y-ignore-index",
+       "y-too-large", "msd-y-too-large", "mimo-y-negative", "restarts-without-random-start", "gradient-delta-nan"]
 
 
 @pytest.mark.parametrize("index", range(len(BAD)), ids=BAD)
@@ -465,3 +475,28 @@ def test_bad_arguments_raise_value_errors_naming_them(net, mimo, batch, mbatch, 
     match, call = list(bad_calls(net, mimo, batch, mbatch))[index]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_attacks_reject_a_non_bool_random_start_and_inference_mode(net, mimo, batch, mbatch):
+    x, y = batch
+    with pytest.raises(TypeError, match="random_start must be True or False"):
+        PGD(net, norm="l2", eps=0.5, alpha=0.1, steps=2, random_start="no")
+    with pytest.raises(TypeError, match="random_start must be True or False"):
+        mimo_pgd(mimo, *mbatch, norms=NORMS, eps=[0.1, 0.5, 2.0], alpha=[0.01, 0.1, 0.5], steps=2, random_start=1)
+    with pytest.raises(TypeError, match="delta must match x's dtype"):
+        mimo_gradient(mimo, *mbatch, delta=torch.zeros_like(mbatch[0], dtype=torch.float32))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="not torch.inference_mode"):
+        PGD(net, norm="linf", eps=0.1, alpha=0.05, steps=2)(x, y)
+    with torch.no_grad():  # the documented way to call an attack from an evaluation loop
+        PGD(net, norm="linf", eps=0.1, alpha=0.05, steps=2)(x, y)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_random_start_handles_an_empty_batch(net, mimo, batch, mbatch, norm):
+    x, y = batch
+    out = PGD(net, norm=norm, eps=EPS[norm], alpha=ALPHA[norm], steps=2, random_start=True)(x[:0], y[:0])
+    assert out.shape == x[:0].shape
+    mx, my = mbatch
+    out = mimo_pgd(mimo, mx[:0], my[:0], norms=NORMS, eps=[EPS[n] for n in NORMS], alpha=[ALPHA[n] for n in NORMS],
+                   steps=2, random_start=True)
+    assert out.shape == mx[:0].shape

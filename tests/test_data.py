@@ -174,7 +174,8 @@ def test_image_folder_reader_uses_train_and_test_folders(tmp_path):
     test = data.load("resisc45", "test", data_dir=tmp_path)
     assert (len(train), len(test)) == (9, 6) and train.image_shape == (3, 64, 64)
     assert all(p.parent.parent.name == "test" for p, _ in test.samples)
-    assert [label for _, label in test.samples] == [0, 0, 1, 1, 2, 2]
+    # Round-robin over the classes, so the first n test images (the eval subset) span them all.
+    assert [label for _, label in test.samples] == [0, 1, 2, 0, 1, 2]
 
 
 # --------------------------------------------------------------------------- errors
@@ -202,6 +203,24 @@ def test_bad_arguments():
         data.load("mnist", "val")
     with pytest.raises(ValueError, match="size applies to resisc45"):
         data.load("mnist", size=32)
+
+
+def test_every_public_loader_checks_split_and_size(tmp_path):
+    for call in (lambda: data.load_embedded_mnist("val"), lambda: data.load_mnist("val", tmp_path),
+                 lambda: data.load_cifar10("val", tmp_path), lambda: data.load_resisc45("val", tmp_path)):
+        with pytest.raises(ValueError, match="split must be 'train' or 'test'; got 'val'"):
+            call()
+    write_tree(tmp_path / "r")
+    for size in (0, 2.5, True):
+        with pytest.raises(ValueError, match="size must be a positive int"):
+            data.load_resisc45("train", tmp_path / "r", size=size)
+
+
+def test_resisc_splits_list_the_classes_round_robin(tmp_path):
+    write_tree(tmp_path, per_class=10)
+    for split, per_class in (("train", 8), ("test", 2)):
+        labels = [label for _, label in data.load("resisc45", split, data_dir=tmp_path, size=4).samples]
+        assert labels == [0, 1, 2] * per_class
 
 
 # --------------------------------------------------------------------------- batches / subset

@@ -143,6 +143,7 @@ def test_aug_dml_averages_noisy_inputs():
     (dict(centers=torch.zeros(3, 4)), r"centers: a tensor must be floating \[C, N\]"),
     (dict(permutation=[0, 0, 1, 2]), "permutation must hold 4 distinct ints"),
     (dict(permutation=[0, 1, 2, 4]), "permutation must hold 4 distinct ints in"),
+    (dict(permutation=[0.2, 1.7, 2.9, 3.0]), "permutation must hold ints; got torch.float32"),
     (dict(randomized=True, augment=True), "randomized and augment are exclusive"),
     (dict(sigma=-0.1), "sigma must be a finite number >= 0"),
     (dict(samples=0), "samples must be a positive int"),

@@ -224,3 +224,13 @@ def test_pyens_report_on_a_tiny_mat_run_and_on_a_saved_evaluation(tmp_path):
 
     path = report_runs([saved], tmp_path / "again", Settings(progress=False))
     assert "| Attack | saved |" in path.read_text()
+
+
+def test_pgd_restarts_start_at_random_points():
+    """--eval-restarts N > 1 means N random starts: from delta = 0 they would be one run N times."""
+    from pyens.eval.catalogue import pgd_specs
+
+    one, many = pgd_specs("mnist"), pgd_specs("mnist", restarts=5)
+    assert [s.params["random_start"] for s in one] == [False] * 3
+    assert [(s.params["random_start"], s.params["restarts"]) for s in many] == [(True, 5)] * 3
+    assert all(s.make(nn.Linear(784, 10)).random_start for s in many)

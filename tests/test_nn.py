@@ -1,4 +1,5 @@
 """pyens.nn: backbone shapes, Normalize, and the defining properties of MIMO and Ensemble."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,6 +46,10 @@ def test_normalize_4d_and_5d():
         pn.Normalize((0.1, 0.2), (1.0,))
     with pytest.raises(ValueError, match="positive"):
         pn.Normalize((0.1,), (0.0,))
+    with pytest.raises(ValueError, match="mean must be finite"):
+        pn.Normalize((float("nan"),), (1.0,))
+    with pytest.raises(ValueError, match="std must be positive and finite"):
+        pn.Normalize((0.1,), (float("inf"),))
 
 
 def test_build_model_normalises_then_runs_the_backbone():
@@ -246,3 +251,17 @@ def test_bad_shapes_name_the_argument(mimo):
         pn.mimo_batch(rand(2, 1, 28, 28), torch.zeros(3, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="members must be a positive int"):
         pn.MIMO("lenet", members=0, in_channels=1, num_classes=10)
+    # The value passed is named, not the M-fold channel / class count built from it.
+    with pytest.raises(ValueError, match="in_channels must be a positive int; got -1"):
+        pn.MIMO("lenet", members=3, in_channels=-1, num_classes=10)
+    with pytest.raises(ValueError, match="num_classes must be a positive int; got '10'"):
+        pn.MIMO("lenet", members=3, in_channels=1, num_classes="10")
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        pn.mimo_batch(rand(2, 1, 28, 28), torch.zeros(2), 3)
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    x, y = rand(4, 1, 28, 28), torch.arange(4)
+    xm, ym = pn.mimo_batch(x, y, np.int64(2), generator=torch.Generator().manual_seed(0), repetition=np.float32(0.5))
+    assert xm.shape == (4, 2, 1, 28, 28) and ym.shape == (4, 2)
+    assert pn.MIMO("lenet", members=np.int64(2), in_channels=np.int64(1), num_classes=np.int32(10)).members == 2

@@ -53,6 +53,13 @@ def check_count(value, name: str) -> int:
     return int(value)
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool (a string such as ``"no"`` would otherwise read as True)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy.bool_ too
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_choice(value, choices: Sequence[str], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -115,10 +122,23 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, box, *, members: bool = False
                          f"feature dimension, got shape {tuple(x.shape)}")
     if tuple(y.shape) != tuple(x.shape[:lead]):
         raise ValueError(f"y must be {want} = {tuple(x.shape[:lead])} to match x, got shape {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"y must be on x's device {x.device}, got {y.device}")
+    if torch.is_inference_mode_enabled() or x.is_inference():
+        # set_grad_enabled cannot leave inference mode, so the attack's gradient would fail
+        # deep inside autograd; torch.no_grad() is fine.
+        raise RuntimeError("attacks need autograd: run them under torch.no_grad(), not "
+                           "torch.inference_mode(), and pass x that was not made in inference mode")
     lo, hi = box
-    if x.numel() and (bool(x.min() < lo) or bool(x.max() > hi)):
-        raise ValueError(f"x must lie in the box [{lo}, {hi}], got values in "
-                         f"[{x.min().item():.6g}, {x.max().item():.6g}]")
+    if x.numel():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite, got NaN or infinity")
+        if bool(x.min() < lo) or bool(x.max() > hi):
+            raise ValueError(f"x must lie in the box [{lo}, {hi}], got values in "
+                             f"[{x.min().item():.6g}, {x.max().item():.6g}]")
+    if y.numel() and bool(y.min() < 0):
+        # cross_entropy would read -100 as ignore_index: that example would silently go unattacked.
+        raise ValueError(f"y must hold class labels >= 0, got {y.min().item()}")
     return x.detach(), y.detach().long(), box
 
 
@@ -138,6 +158,9 @@ def forward(model: Callable, x: torch.Tensor, delta: torch.Tensor, y: torch.Tens
         if not isinstance(logits, torch.Tensor) or logits.dim() != y.dim() + 1 or logits.shape[:-1] != y.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"model must return logits of shape {tuple(y.shape)} + (K,), got {got}")
+        if y.numel() and bool(y.max() >= logits.shape[-1]):
+            raise ValueError(f"y must hold class labels in [0, {logits.shape[-1]}) for the model's "
+                             f"{logits.shape[-1]} classes, got {y.max().item()}")
         return d, logits, loss_fn(logits, y)
 
 
@@ -236,7 +259,7 @@ def random_start(x: torch.Tensor, norms: Sequence[str], eps: Sequence[float], bo
     """
     b = x.shape[0]
     m = members or 1
-    n = x[0, 0].numel() if members else x[0].numel()
+    n = x.shape[2:].numel() if members else x.shape[1:].numel()
     delta = torch.empty(b, m, n, dtype=x.dtype, device=x.device)
     for j in range(m):
         delta[:, j] = _unit_ball_sample(norms[j], b, n, x) * eps[j]

@@ -27,6 +27,7 @@ import torch
 
 from pyens.attacks._common import (
     check_choice,
+    check_flag,
     check_inputs,
     check_run,
     finish,
@@ -74,8 +75,14 @@ def mimo_gradient(model: Model, x: torch.Tensor, y: torch.Tensor, *, delta: torc
     """
     x, y, _ = check_inputs(x, y, box, members=True)
     check_choice(gradient, GRADIENTS, "gradient")
-    if delta is not None and (not isinstance(delta, torch.Tensor) or delta.shape != x.shape):
-        raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {getattr(delta, 'shape', delta)!r}")
+    if delta is not None:
+        if not isinstance(delta, torch.Tensor) or delta.shape != x.shape:
+            raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {getattr(delta, 'shape', delta)!r}")
+        if delta.dtype != x.dtype or delta.device != x.device:
+            raise TypeError(f"delta must match x's dtype {x.dtype} and device {x.device}, got {delta.dtype} "
+                            f"on {delta.device}")
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("delta must be finite, got NaN or infinity")
     return _gradient(model, x, torch.zeros_like(x) if delta is None else delta.detach(), y, gradient)
 
 
@@ -106,7 +113,7 @@ def mimo_pgd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: str | Seq
     m = x.shape[1]
     norms, eps, alpha, k = lp_params(norms, eps, alpha, k, m, "member")
     check_choice(gradient, GRADIENTS, "gradient")
-    if random_start:
+    if check_flag(random_start, "random_start"):
         delta = draw_start(x, norms, eps, box, projection, members=m)
     else:
         delta = torch.zeros_like(x)

@@ -13,6 +13,7 @@ import torch
 
 from pyens.attacks._common import (
     check_count,
+    check_flag,
     check_inputs,
     check_norm,
     check_real,
@@ -71,8 +72,11 @@ class PGD:
         self.alpha = check_real(alpha, "alpha")
         self.steps, self.projection, self.box = check_run(steps, projection, box)
         self.k = check_count(k, "k")
-        self.random_start = bool(random_start)
+        self.random_start = check_flag(random_start, "random_start")
         self.restarts = check_count(restarts, "restarts")
+        if self.restarts > 1 and not self.random_start:
+            raise ValueError(f"restarts={self.restarts} needs random_start=True: from delta = 0 every "
+                             "restart is the same run")
         self.loss = loss
         self.loss_fn = get_loss(loss)
 

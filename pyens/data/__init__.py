@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyens.data import cifar, resisc
+from pyens.data._files import SPLITS, check_split
 from pyens.data.cifar import load_cifar10
 from pyens.data.datasets import ImageDataset, ImageFolderDataset, TensorImageDataset, batches, subset
 from pyens.data.mnist_idx import load_embedded_mnist, load_mnist, read_idx
 from pyens.data.resisc import DEFAULT_SIZE, load_resisc45
 
 NAMES = ("mnist", "cifar10", "resisc45")
-SPLITS = ("train", "test")
 
 
 def load(name: str, split: str = "train", *, data_dir: str | Path | None = None,
@@ -46,12 +46,9 @@ def load(name: str, split: str = "train", *, data_dir: str | Path | None = None,
     """
     if name not in NAMES:
         raise ValueError(f"name must be one of {', '.join(NAMES)}; got {name!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    check_split(split)
     if size is not None and name != "resisc45":
         raise ValueError(f"size applies to resisc45 only (MNIST and CIFAR-10 keep their native size); got size={size}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive int; got {size!r}")
     if data_dir is None:
         if name == "mnist":
             return load_embedded_mnist(split)

@@ -6,6 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) whose MD5 matched this process
+SPLITS = ("train", "test")
+
+
+def check_split(split) -> str:
+    """``"train"`` or ``"test"``; every loader checks it, as each one is public."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    return split
 
 
 def find_file(directory: Path, names: Sequence[str], *, expect: str) -> Path:

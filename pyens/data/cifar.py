@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyens.data._files import find_file
+from pyens.data._files import check_split, find_file
 from pyens.data.datasets import TensorImageDataset, to_float_images
 
 SUBDIR = "cifar-10-batches-py"
@@ -72,6 +72,7 @@ def _class_names(directory: Path) -> tuple[str, ...]:
 
 def load_cifar10(split: str, data_dir: str | Path) -> TensorImageDataset:
     """CIFAR-10 ``split`` (50,000 train / 10,000 test images) from ``data_dir``."""
+    check_split(split)
     directory = Path(data_dir)
     if (directory / SUBDIR).is_dir():
         directory = directory / SUBDIR

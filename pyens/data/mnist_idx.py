@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyens.data._files import find_file, verify_md5
+from pyens.data._files import check_split, find_file, verify_md5
 from pyens.data.datasets import TensorImageDataset, to_float_images
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "mnist"
@@ -82,7 +82,7 @@ def _dataset(images: np.ndarray, labels: np.ndarray, split: str) -> TensorImageD
 
 def load_mnist(split: str, data_dir: str | Path) -> TensorImageDataset:
     """Full MNIST from ``data_dir`` (60,000 train / 10,000 test images)."""
-    images, labels = _read_pair(Path(data_dir), split)
+    images, labels = _read_pair(Path(data_dir), check_split(split))
     return _dataset(images, labels, split)
 
 
@@ -92,6 +92,7 @@ def load_embedded_mnist(split: str, *, root: str | Path = EMBEDDED_DIR) -> Tenso
     ``root`` holds ``t10k-*-ubyte.gz`` and ``MD5SUMS``; the files are checked against it on
     the first load in a process (a corrupted file raises ValueError naming it).
     """
+    check_split(split)
     images, labels = _read_pair(Path(root), "test", require_md5=True)
     part = slice(None, EMBEDDED_TEST) if split == "test" else slice(EMBEDDED_TEST, None)
     return _dataset(images[part], labels[part], split)

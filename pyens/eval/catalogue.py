@@ -91,9 +91,17 @@ def _pgd_name(norm: str, eps: float, steps: int, restarts: int = 1) -> str:
 
 
 def pgd_specs(dataset: str = "mnist", *, steps: int = 50, k: int = 20, restarts: int = 1,
-              random_start: bool = False, alpha: tuple[float, float, float] | None = None) -> list[AttackSpec]:
-    """PGD linf / l2 / l1 at the paper's radii; ``alpha`` per norm (default :func:`quick_alpha`)."""
+              random_start: bool | None = None,
+              alpha: tuple[float, float, float] | None = None) -> list[AttackSpec]:
+    """PGD linf / l2 / l1 at the paper's radii; ``alpha`` per norm (default :func:`quick_alpha`).
+
+    ``random_start`` defaults to ``restarts > 1``: restarts from ``delta = 0`` would all be the
+    same run (``pyens eval --eval-restarts 5`` then means five random starts).
+    """
     from pyens.attacks import PGD
+
+    if random_start is None:
+        random_start = restarts > 1
 
     out = []
     for i, (norm, eps) in enumerate(zip(NORMS, _radii(dataset))):

@@ -1,15 +1,16 @@
 """Argument checks shared by the nn constructors; messages name the argument."""
+import numbers
 
 
 def positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{arg} must be a positive int; got {value!r}")
-    return value
+    return int(value)
 
 
 def probability(arg: str, value) -> float:
     """``value`` as a float in [0, 1] (NaN rejected); errors name ``arg``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be a number in [0, 1], got {value!r}")
     value = float(value)
     if not 0.0 <= value <= 1.0:

@@ -5,7 +5,8 @@ Each constructor takes ``(in_channels, num_classes)`` only, which is what lets
 ``num_classes * M`` outputs. Inputs are expected already normalised (:class:`Normalize`
 sits in front, see :func:`pyens.nn.build_model`). Every backbone ends in an adaptive
 pooling layer, so the same network takes 28x28 (MNIST) and 32x32 (CIFAR) inputs, and any
-other size from 8x8 up.
+other size from 8x8 up (LeNet from 12x12: its unpadded second 5x5 convolution and two poolings
+need that much).
 
 =============  ==========================================  ===========================
 name           layers                                       parameters (1 -> 10 / 3 -> 10)

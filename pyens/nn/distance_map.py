@@ -161,7 +161,10 @@ class DistanceMap(nn.Module):
         if permutation is None:
             perm = torch.randperm(slots, generator=generator)[:c]
         else:
-            perm = torch.as_tensor(permutation, dtype=torch.long).flatten()
+            given = torch.as_tensor(permutation).flatten()
+            if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+                raise ValueError(f"permutation must hold ints; got {given.dtype}")  # 1.7 must not become 1
+            perm = given.long()
             if perm.numel() != c or perm.unique().numel() != c or perm.min() < 0 or perm.max() >= slots:
                 raise ValueError(f"permutation must hold {c} distinct ints in [0, {slots}); got {perm.tolist()}")
         self.permutation = perm

@@ -40,7 +40,9 @@ class MIMO(MemberEnsemble):
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
         super().__init__()
         self.members = positive_int("members", members)
-        self.in_channels, self.num_classes = in_channels, num_classes
+        # Checked before the multiplication by M, so an error shows the value passed.
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.num_classes = positive_int("num_classes", num_classes)
         self.normalize = Normalize(mean, std)
         self.backbone = build_backbone(backbone, in_channels=in_channels * members, num_classes=num_classes * members)
 
@@ -107,6 +109,8 @@ def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
     b = x.shape[0]
     if y.shape != (b,):
         raise ValueError(f"y must be [B={b}] labels matching x; got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels; got {y.dtype}")
     repetition = probability("repetition", repetition)
     device = generator.device if generator is not None else torch.device("cpu")
     perms = [torch.arange(b, device=device)]

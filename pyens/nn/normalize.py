@@ -28,8 +28,10 @@ class Normalize(nn.Module):
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
             raise ValueError(f"mean and std must be non-empty and of one length; got {len(mean_t)} and {len(std_t)}")
-        if not bool((std_t > 0).all()):
-            raise ValueError(f"std must be positive; got {std_t.tolist()}")
+        if not bool(torch.isfinite(mean_t).all()):
+            raise ValueError(f"mean must be finite; got {mean_t.tolist()}")
+        if not bool((std_t > 0).all() & torch.isfinite(std_t).all()):
+            raise ValueError(f"std must be positive and finite; got {std_t.tolist()}")
         self.register_buffer("mean", mean_t.view(-1, 1, 1))
         self.register_buffer("std", std_t.view(-1, 1, 1))
 
