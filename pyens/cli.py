@@ -106,6 +106,8 @@ def _csv(cast):
     return lambda text: tuple(cast(v) for v in text.split(",") if v)
 
 
+DEFAULT_CONFIG = "quick-mnist"  # `pyens train` with no arguments: the main job
+
 # `pyens train` flags -> TrainConfig fields; None means "keep the config's value".
 _TRAIN_FLAGS = {
     "method": str, "dataset": str, "data_dir": str, "model": str, "members": int, "norms": _csv(str),
@@ -116,16 +118,31 @@ _TRAIN_FLAGS = {
 }
 
 
+def _check_eval_flags(args: argparse.Namespace):
+    """The evaluation flags, checked before any training starts; returns the eval device."""
+    from pyens.training.distributed import resolve_device
+
+    for flag in ("eval_n", "eval_steps", "eval_restarts", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return resolve_device(args.eval_device or "auto", "--eval-device")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pyens.training import train
 
+    if not args.no_eval:
+        _check_eval_flags(args)
     overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    result = train(config=args.config, resume=args.resume, progress=not args.no_progress, **overrides)
+    # --resume reads the run's own config; a --config given with it must match that.
+    config = args.config or (None if args.resume else DEFAULT_CONFIG)
+    result = train(config=config, resume=args.resume, progress=not args.no_progress, **overrides)
     print(f"run saved in {result.out} (checkpoint {result.checkpoint.name}, metrics.jsonl, config.toml)")
     if result.history:
         last = result.history[-1]
+        clean = last.get("eval_clean_acc")
         print(f"epoch {last['epoch']}: train loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
-              f"clean test acc {last.get('eval_clean_acc') or float('nan'):.3f}, {last['images_per_s']:.0f} img/s")
+              f"clean test acc {float('nan') if clean is None else clean:.3f}, {last['images_per_s']:.0f} img/s")
     if not result.replicas_agree:
         print("error: the DDP replicas ended with different parameters", file=sys.stderr)
         return 1
@@ -143,9 +160,9 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
 
     from pyens.eval import catalogue, format_table, pgd_specs
     from pyens.eval.reporting import evaluate_run
-    from pyens.training.distributed import resolve_device
+    from pyens.training.checkpoint import atomic_write_text
 
-    device = resolve_device(args.eval_device or "auto")
+    device = _check_eval_flags(args)
     if args.attacks == "pgd":
         specs = lambda dataset: pgd_specs(dataset, steps=args.eval_steps, restarts=args.eval_restarts)  # noqa: E731
     else:
@@ -155,7 +172,7 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
         report = evaluate_run(run_dir, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size, device=device,
                               progress=not args.no_progress)
         report.to_json(Path(run_dir) / "eval.json")
-        (Path(run_dir) / "eval.md").write_text(report.to_markdown())
+        atomic_write_text(report.to_markdown(), Path(run_dir) / "eval.md")
         reports.append(report)
     n = reports[0].n
     what = f"PGD at the paper's radii, {args.eval_steps} steps" if args.attacks == "pgd" else \
@@ -187,7 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ValueError(f"--subset: expected ATTACK=N, got {item!r}")
         subsets[attack] = int(value)
     settings = Settings(preset=args.attacks, n=args.n, batch_size=args.batch_size,
-                        device=str(resolve_device(args.device or "auto")), curves_n=args.curves_n,
+                        device=str(resolve_device(args.device or "auto", "--device")), curves_n=args.curves_n,
                         transfer_n=args.transfer_n, only=args.only.split(",") if args.only else None,
                         params=params, subsets=subsets, curves=not args.no_curves, transfer=not args.no_transfer,
                         progress=not args.no_progress)
@@ -212,7 +229,7 @@ def cmd_dml_report(args: argparse.Namespace) -> int:
 
     tables = TABLES if args.tables == "all" else tuple(t for t in args.tables.split(",") if t)
     run_dml_report(args.run_dirs, tables=tables, n=args.n, budget=args.budget, out=args.out,
-                   device=resolve_device(args.device or "auto"), progress=not args.no_progress, merge=args.merge)
+                   device=resolve_device(args.device or "auto", "--device"), progress=not args.no_progress, merge=args.merge)
     return 0
 
 
@@ -237,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     tr = sub.add_parser("train", help="train MAT or a baseline (no arguments: the quick MNIST MAT run)",
                         description="Train, then evaluate. Flags override the config (default: quick-mnist).")
-    tr.add_argument("--config", default="quick-mnist", help="a TOML file or a shipped config name")
+    tr.add_argument("--config", default=None,
+                    help=f"a TOML file or a shipped config name (default: {DEFAULT_CONFIG}; with --resume: the run's)")
     for flag, cast in _TRAIN_FLAGS.items():
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=cast, default=None)
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -220,3 +220,79 @@ def test_cli_train_then_eval(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pyens", "eval", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "run_dir:" in bad.stderr
+
+
+def test_a_new_run_claims_its_directory_at_once(tmp_path, monkeypatch):
+    """Two runs started together never share a directory: the claim is config.toml, made
+    exclusively before training, not the checkpoint that appears only after an epoch."""
+    from pyens.training.loop import _claim_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(method="standard").resolved()
+    first, second = _claim_run_dir(cfg, resume=False), _claim_run_dir(cfg, resume=False)
+    assert (first.name, second.name) == ("standard-mnist-small_cnn-seed0", "standard-mnist-small_cnn-seed0-2")
+    assert _claim_run_dir(cfg, resume=True) == second  # --resume without --out: the newest run
+    cfg.out = str(first)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        _claim_run_dir(cfg, resume=False)
+
+
+def test_resume_checks_max_steps_config_and_checkpoint(tmp_path):
+    out = tmp_path / "r"
+    pyens.train("standard", out=str(out), max_steps=1, **{**TINY, "epochs": 2})
+    # Resuming with the saved max_steps would train one more step each time: say so instead.
+    with pytest.raises(ValueError, match=r"max_steps: the run .* stopped at its max_steps \(1\)"):
+        pyens.train("standard", out=str(out), resume=True, **{**TINY, "epochs": 2})
+    with pytest.raises(ValueError, match=r"resume: \[.*'model'.*\] differ"):  # a config file: all its fields
+        pyens.train(config="mnist-paper", out=str(out), resume=True, max_steps=0)
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="checkpoint: .*checkpoint.pt is not a readable checkpoint"):
+        pyens.train("standard", out=str(out), resume=True, max_steps=0, **{**TINY, "epochs": 2})
+
+
+def test_members_flag_that_the_method_overrides_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"members: method 'mat' trains 3 members .*; got 5"):
+        pyens.train("mat", members=5, out=str(tmp_path / "m"), **TINY)
+    with pytest.raises(ValueError, match=r"members: method 'at' trains 1 member .*; got 3"):
+        pyens.train("at", members=3, out=str(tmp_path / "a"), **TINY)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "a").exists()
+
+
+def test_config_paths_and_devices_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config: no file .*typo/quick-mnist.toml"):
+        load_config(tmp_path / "typo" / "quick-mnist.toml")  # never the shipped file of that name
+    assert load_config("quick-mnist.toml").method == "mat"  # a bare name still finds the shipped one
+    for device in ("cudafoo", "gpu", "cuda:x"):
+        with pytest.raises(ValueError, match="device must be"):
+            TrainConfig(device=device).resolved()
+    from pyens.training.distributed import resolve_device
+
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        resolve_device("gpu")
+
+
+def test_cli_checks_eval_flags_before_training(tmp_path, capsys):
+    from pyens.cli import main
+
+    for flag, value in (("--eval-steps", "0"), ("--eval-batch-size", "-1"), ("--eval-n", "0"),
+                        ("--eval-device", "gpu")):
+        out = tmp_path / flag.strip("-")
+        assert main(["train", "--method", "standard", "--train-size", "20", "--epochs", "1", "--no-progress",
+                     "--out", str(out), flag, value]) == 2
+        assert flag.strip("-").replace("-", "_") in capsys.readouterr().err.replace("-", "_")
+        assert not out.exists()  # nothing trained
+
+
+def test_eval_recovers_from_a_damaged_eval_json(tmp_path, capsys):
+    from pyens.cli import main
+
+    out = tmp_path / "run"
+    common = ["--eval-n", "10", "--eval-steps", "1", "--no-progress"]
+    assert main(["train", "--method", "standard", "--train-size", "20", "--epochs", "1", "--out", str(out),
+                 *common]) == 0
+    whole = (out / "eval.json").read_text()
+    (out / "eval.json").write_text(whole[:200])  # a crash while writing, from before writes were atomic
+    with pytest.warns(UserWarning, match="eval.json is unreadable"):
+        assert main(["eval", str(out), *common]) == 0
+    assert json.loads((out / "eval.json").read_text())["n"] == 10
+    assert not list(out.glob(".*.tmp"))

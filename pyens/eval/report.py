@@ -175,7 +175,9 @@ class RobustnessReport:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            from pyens.training.checkpoint import atomic_write_text
+
+            atomic_write_text(text, path)  # a later evaluation reads it back as its cache
         return text
 
     @classmethod

@@ -19,6 +19,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,11 @@ def evaluate_run(run_dir: str | Path, *, attacks="quick", n: int = 1000, batch_s
     resume = None  # earlier results of this checkpoint: the cache, then the run's own eval.json
     for path in filter(None, [cache, Path(run_dir) / "eval.json"]):
         if path.exists():
-            saved = RobustnessReport.from_json(path)
+            try:
+                saved = RobustnessReport.from_json(path)
+            except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                warnings.warn(f"{path} is unreadable ({exc}); evaluating from scratch", stacklevel=2)
+                continue
             if saved.meta.get("checkpoint") == meta["checkpoint"]:
                 if resume is None:
                     resume = saved

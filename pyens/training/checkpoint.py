@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -29,20 +30,21 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one.
+def _atomic_write(path: str | Path, write) -> None:
+    """Call ``write(binary_file)`` so that a crash leaves either the old ``path`` or the new one.
 
     The bytes go to a temporary file in the same directory, are flushed to disk, and the file
-    is renamed over ``path`` (``os.replace`` is atomic within one filesystem).
+    is renamed over ``path`` (``os.replace`` is atomic within one filesystem). A unique
+    temporary name keeps two writers of one path from sharing it.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is an ordinary file
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; these are ordinary files
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,13 +53,22 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save(obj, path)``, atomically (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``path.write_text(text)``, atomically (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`atomic_save`; ValueError naming ``path`` if unreadable."""
     # Checkpoints hold numpy RNG state and plain dicts written by pyens itself.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({exc})") from exc

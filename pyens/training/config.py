@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -132,7 +133,7 @@ class TrainConfig:
             v = float(getattr(cfg, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)!r}")
-        if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        if not (isinstance(cfg.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device)):
             raise ValueError(f"device must be {DEVICES_HINT}, got {cfg.device!r}")
         return cfg
 
@@ -211,6 +212,8 @@ def load_config(path_or_name: str | Path, **overrides) -> TrainConfig:
     p = Path(path_or_name)
     if p.suffix == ".toml" and p.exists():
         text = p.read_text()
+    elif len(p.parts) > 1:  # a path, not a name: never fall back to a shipped config of that name
+        raise FileNotFoundError(f"config: no file {str(path_or_name)!r}")
     else:
         name = p.name[:-5] if p.name.endswith(".toml") else str(path_or_name)
         f = resources.files("pyens.configs") / f"{name}.toml"

@@ -30,12 +30,16 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, arg: str = "device") -> torch.device:
+    """``"auto"`` (CUDA if visible, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; errors name ``arg``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{arg} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} was asked for but no CUDA device is visible")
+        raise ValueError(f"{arg}: {name!r} was asked for but no CUDA device is visible")
     return device
 
 
@@ -51,6 +55,15 @@ def setup(device_name: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, device=device)
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's ``obj`` on every rank (picklable; ``obj`` of the other ranks is ignored)."""
+    if not d.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=d.device if d.device.type == "cuda" else None)
+    return box[0]
 
 
 def wrap(net: nn.Module, d: Dist) -> nn.Module:

@@ -1,8 +1,11 @@
 """The training loop behind :func:`pyens.train` and ``pyens train``."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,40 +68,67 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
         overrides["method"] = method
     cfg = load_config(config, **overrides) if config else config_from_dict(overrides)
     cfg = cfg.resolved()
-    out = _run_dir(cfg, resume)
+    if "members" in overrides and cfg.members != overrides["members"]:
+        raise ValueError(f"members: method {cfg.method!r} trains {cfg.members} "
+                         f"{'member' if cfg.members == 1 else 'members'} with norms {cfg.norms}; got "
+                         f"{overrides['members']} (change norms to change the count)")
+    d = distributed.setup(cfg.device)
+    out = _run_dir(cfg, resume, d)
     if resume:
-        cfg = _resumed_config(out, cfg, overrides)
+        # With a config given, every field of it must match the run, not only the flags.
+        cfg = _resumed_config(out, cfg, set(dataclasses.asdict(cfg)) if config else set(overrides))
     cfg.out = str(out)
-    return _Trainer(cfg, out, resume, progress).fit()
+    return _Trainer(cfg, out, resume, progress, d).fit()
 
 
-def _run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    if cfg.out:
-        out = Path(cfg.out)
-        if resume or not (out / checkpoint.CHECKPOINT).exists():
-            return out
-        raise FileExistsError(f"out: {out} already holds a run; pass resume=True (--resume) to continue "
-                              "it, or choose another out")
-    base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
+def _run_dir(cfg: TrainConfig, resume: bool, d: distributed.Dist) -> Path:
+    """The run directory: ``cfg.out``, or the first free ``runs/<method>-...-seed<seed>[-n]``.
+
+    A new run claims its directory by creating ``config.toml`` exclusively (on the main
+    rank; the others receive the path), so two runs started together never share one.
+    Resuming without ``out`` takes the newest run of that name.
+    """
+    out = None
+    if d.main:
+        out = _claim_run_dir(cfg, resume)
+    return Path(distributed.broadcast_object(str(out) if out else None, d))
+
+
+def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    base = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
+    numbered = (base.with_name(f"{base.name}-{n}") for n in itertools.count(2))
     if resume:
-        return base
-    out, n = base, 1
-    while (out / checkpoint.CHECKPOINT).exists():  # never overwrite an earlier run
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+        if cfg.out:
+            return base
+        out = base
+        for candidate in numbered:
+            if not candidate.exists():
+                return out
+            out = candidate
+    for out in itertools.chain([base], [] if cfg.out else numbered):
+        if not (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return out
+            except FileExistsError:
+                pass
+        if cfg.out:
+            raise FileExistsError(f"out: {out} already holds a run (its config.toml); pass resume=True "
+                                  "(--resume) to continue it, or choose another out")
+    raise AssertionError("unreachable")
 
 
-def _resumed_config(out: Path, cfg: TrainConfig, overrides: dict) -> TrainConfig:
+def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
     if not (out / checkpoint.CHECKPOINT).exists():
         raise FileNotFoundError(f"resume: {out} has no {checkpoint.CHECKPOINT} to resume from")
     saved = load_config(out / "config.toml").resolved()
-    changed = sorted(k for k in overrides if k not in RESUMABLE_OVERRIDES
+    changed = sorted(k for k in keys if k not in RESUMABLE_OVERRIDES
                      and getattr(saved, k, None) != getattr(cfg, k, None))
     if changed:
         raise ValueError(f"resume: {changed} differ from the saved config in {out}/config.toml; "
                          f"only {sorted(RESUMABLE_OVERRIDES)} may change when resuming")
-    for k in RESUMABLE_OVERRIDES & set(overrides):
+    for k in RESUMABLE_OVERRIDES & keys:
         setattr(saved, k, getattr(cfg, k))
     return saved
 
@@ -116,12 +146,12 @@ class _Meter:
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, resume: bool, show_progress: bool):
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool, show_progress: bool, d: distributed.Dist):
         from pyens.data import load
 
         self.cfg, self.out, self.show_progress = cfg, out, show_progress
         self.method = get_method(cfg.method)
-        self.dist = distributed.setup(cfg.device)
+        self.dist = d
         self.device = self.dist.device
         data_dir = cfg.data_dir or None
         self.data = load(cfg.dataset, "train", data_dir=data_dir)
@@ -140,6 +170,11 @@ class _Trainer:
         self.meter = _Meter()
         if resume:
             self._load()
+            if cfg.max_steps and self.step >= cfg.max_steps:
+                raise ValueError(f"max_steps: the run in {out} stopped at its max_steps ({cfg.max_steps}); "
+                                 "resume with a larger max_steps, or 0 for no limit")
+            if self.dist.main:  # the resumable settings (max_steps, device, ...) as now used
+                checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
         elif self.dist.main:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
@@ -165,6 +200,11 @@ class _Trainer:
 
     def _load(self) -> None:
         state = checkpoint.load(self.out / checkpoint.CHECKPOINT, map_location=self.device)
+        now = self.cfg.to_dict()
+        differ = sorted(k for k, v in state.get("config", {}).items() if k not in RESUMABLE_OVERRIDES and now.get(k) != v)
+        if differ:
+            raise ValueError(f"resume: {self.out / checkpoint.CHECKPOINT} was written with other {differ} than "
+                             f"{self.out / 'config.toml'} holds; the two belong to different runs")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch, self.step, self.perm = state["epoch"], state["batch"], state["step"], state["perm"]
