@@ -45,9 +45,13 @@ def train_once(method: str, *, out: Path, steps: int, members: int, backbone: st
                batches: int, device: str, seed: int) -> dict:
     """One short ``pyens.train`` run; its epoch record (``seconds``: the timed steps)."""
     import pyens
+    from pyens.training import TrainConfig
 
+    norms = norms_for(method, members)
+    # The method fixes its own member count (1 for standard / at / msd, one per norm for mat).
+    members = TrainConfig(method=method, members=members, norms=norms).resolved().members
     result = pyens.train(method, out=str(out), dataset="mnist", model=backbone, steps=steps, members=members,
-                         norms=norms_for(method, members), batch_size=batch_size, train_size=batches * batch_size,
+                         norms=norms, batch_size=batch_size, train_size=batches * batch_size,
                          epochs=1, eval_size=0, device=device, seed=seed, progress=False)
     return result.history[-1]
 
