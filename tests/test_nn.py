@@ -256,7 +256,7 @@ def test_bad_shapes_name_the_argument(mimo):
         pn.MIMO("lenet", members=3, in_channels=-1, num_classes=10)
     with pytest.raises(ValueError, match="num_classes must be a positive int; got '10'"):
         pn.MIMO("lenet", members=3, in_channels=1, num_classes="10")
-    with pytest.raises(TypeError, match="y must hold integer class labels"):
+    with pytest.raises(TypeError, match="y must be an integer tensor of class labels"):
         pn.mimo_batch(rand(2, 1, 28, 28), torch.zeros(2), 3)
 
 

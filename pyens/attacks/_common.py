@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pyens.nn._checks import integer_labels
 from pyens.ops import lp_project, lp_step
 from pyens.ops.lp_step import norm_code
 from pyens.reference.lp_step import L1, L2, LINF
@@ -113,8 +114,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, box, *, members: bool = False
     box = check_box(box)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"y must be an integer tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
+    integer_labels("y", y)
     lead = 2 if members else 1
     want = "[B, M]" if members else "[B]"
     if x.dim() < lead + 1:
@@ -158,10 +158,16 @@ def forward(model: Callable, x: torch.Tensor, delta: torch.Tensor, y: torch.Tens
         if not isinstance(logits, torch.Tensor) or logits.dim() != y.dim() + 1 or logits.shape[:-1] != y.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"model must return logits of shape {tuple(y.shape)} + (K,), got {got}")
-        if y.numel() and bool(y.max() >= logits.shape[-1]):
-            raise ValueError(f"y must hold class labels in [0, {logits.shape[-1]}) for the model's "
-                             f"{logits.shape[-1]} classes, got {y.max().item()}")
-        return d, logits, loss_fn(logits, y)
+        try:
+            loss = loss_fn(logits, y)
+        except (IndexError, RuntimeError):
+            # Checked only on failure: a y.max() on every step would stall the GPU pipeline.
+            k = logits.shape[-1]
+            if y.numel() and bool(y.max() >= k):
+                raise ValueError(f"y must hold class labels in [0, {k}) for the model's {k} classes, "
+                                 f"got {y.max().item()}") from None
+            raise
+        return d, logits, loss
 
 
 def grad_of(loss: torch.Tensor, d: torch.Tensor, weights: torch.Tensor | None = None, *,

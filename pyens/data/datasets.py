@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pyens.nn._checks import positive_int
+
 
 class ImageDataset(Dataset):
     """Metadata shared by every pyens dataset.
@@ -156,8 +158,7 @@ def batches(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Gen
     Datasets with ``.images``/``.labels`` tensors are indexed directly: a shuffled batch is one
     gather, an ordered batch a view, instead of collating b single items.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
     images, labels = getattr(ds, "images", None), getattr(ds, "labels", None)
     if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
         return _tensor_batches(images, labels, batch_size, shuffle, generator, drop_last)

@@ -18,6 +18,7 @@ import numpy as np
 
 from pyens.data._files import check_split, require_dir
 from pyens.data.datasets import ImageFolderDataset
+from pyens.nn._checks import positive_int
 
 SUBDIR = "NWPU-RESISC45"
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
@@ -77,8 +78,7 @@ def _folder_samples(root: Path, split: str) -> tuple[list[str], list[tuple[Path,
 def load_resisc45(split: str, data_dir: str | Path, *, size: int = DEFAULT_SIZE) -> ImageFolderDataset:
     """RESISC-45 ``split`` from ``data_dir``; images are RGB, resized to ``size x size``."""
     check_split(split)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int; got {size!r}")
+    size = positive_int("size", size)
     root = Path(data_dir)
     require_dir(root, expect=EXPECT)
     if (root / SUBDIR).is_dir():

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.nn._checks import positive_int, probability
+from pyens.nn._checks import integer_labels, positive_int, probability
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.ensemble import MemberEnsemble
 from pyens.nn.normalize import Normalize
@@ -109,8 +109,7 @@ def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
     b = x.shape[0]
     if y.shape != (b,):
         raise ValueError(f"y must be [B={b}] labels matching x; got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"y must hold integer class labels; got {y.dtype}")
+    integer_labels("y", y)
     repetition = probability("repetition", repetition)
     device = generator.device if generator is not None else torch.device("cpu")
     perms = [torch.arange(b, device=device)]

@@ -95,28 +95,33 @@ def _run_dir(cfg: TrainConfig, resume: bool, d: distributed.Dist) -> Path:
 
 
 def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    base = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
-    numbered = (base.with_name(f"{base.name}-{n}") for n in itertools.count(2))
-    if resume:
-        if cfg.out:
-            return base
-        out = base
-        for candidate in numbered:
-            if not candidate.exists():
-                return out
-            out = candidate
-    for out in itertools.chain([base], [] if cfg.out else numbered):
-        if not (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                os.close(os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return out
-            except FileExistsError:
-                pass
-        if cfg.out:
-            raise FileExistsError(f"out: {out} already holds a run (its config.toml); pass resume=True "
-                                  "(--resume) to continue it, or choose another out")
-    raise AssertionError("unreachable")
+    if cfg.out:
+        out = Path(cfg.out)
+        if resume or _claim(out):
+            return out
+        raise FileExistsError(f"out: {out} already holds a run (its config.toml); pass resume=True "
+                              "(--resume) to continue it, or choose another out")
+    base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
+    candidates = itertools.chain([base], (base.with_name(f"{base.name}-{n}") for n in itertools.count(2)))
+    if not resume:
+        return next(out for out in candidates if _claim(out))
+    newest = base
+    for out in candidates:
+        if not out.exists():
+            return newest
+        newest = out
+
+
+def _claim(out: Path) -> bool:
+    """Create ``out/config.toml`` if no run holds ``out``; whether this call did."""
+    if (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
@@ -173,12 +178,10 @@ class _Trainer:
             if cfg.max_steps and self.step >= cfg.max_steps:
                 raise ValueError(f"max_steps: the run in {out} stopped at its max_steps ({cfg.max_steps}); "
                                  "resume with a larger max_steps, or 0 for no limit")
-            if self.dist.main:  # the resumable settings (max_steps, device, ...) as now used
-                checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
         elif self.dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
             (out / "metrics.jsonl").write_text("")
+        if self.dist.main:  # on resume: the resumable settings (max_steps, device, ...) as now used
+            checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
         distributed.barrier(self.dist)
 
     def _optimizer(self) -> torch.optim.Optimizer:
