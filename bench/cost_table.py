@@ -6,7 +6,8 @@ Usage::
         --device cpu --json bench/results/cpu-<date>-cost-table.json
 
 For every method of Table 6 (``standard``, ``mimo``, ``at``, ``ensemble_at``, ``avg``, ``max``,
-``msd``, ``mimo_at``, ``mat``, ``mat_msd``) this runs real training batches -- the method's
+``msd``, ``mimo_at``, ``mat``, ``mat_msd``), and ``mat_msd_batch`` (``mat_msd`` with the MAT
+authors' adversary, :data:`VARIANTS`), this runs real training batches -- the method's
 ``loss`` (inner maximisation + outer loss), ``backward`` and an Adam step, exactly what
 ``pyens.train`` does per batch -- with the same backbone, steps K and members M, on the same
 real MNIST batches (the embedded set, ``pyens.data.load("mnist")``):
@@ -48,7 +49,19 @@ from pyens.training import TrainConfig, build_network, count_passes
 from pyens.training.methods import DEFAULT_NORMS, StepContext, get_method
 from pyens.training.run import counted_networks
 
-METHODS = ("standard", "mimo", "at", "ensemble_at", "avg", "max", "msd", "mimo_at", "mat", "mat_msd")
+METHODS = ("standard", "mimo", "at", "ensemble_at", "avg", "max", "msd", "mimo_at", "mat", "mat_msd", "mat_msd_batch")
+
+# Rows that are a method with other settings: row key -> (method, config overrides).
+VARIANTS = {
+    # The adversary of the MAT authors' code (the paper's "MAT" numbers): per member, the norm
+    # with the highest batch loss at each step; random start in each slot's ball; k from 5..20.
+    "mat_msd_batch": ("mat_msd", {"msd_select": "batch", "random_start": True, "k_range": (5, 20)}),
+}
+
+
+def method_of(row: str) -> str:
+    """The training method a row runs (a variant's base method, else the row key itself)."""
+    return VARIANTS.get(row, (row, {}))[0]
 
 # method: (the paper's row of Table 6, forward formula, backward formula); K steps, M members.
 TABLE_6 = {
@@ -62,6 +75,7 @@ TABLE_6 = {
     "mimo_at": ("M-MIMO AT without Approx. (K-step PGD)", "K + 1", "MK + 1"),
     "mat": ("**MAT**: M-MIMO Approx. AT (K-step PGD)", "K + 1", "K + 1"),
     "mat_msd": ("M-MIMO MSD (K-step PGD)", "(1 + M)K + 1", "K + 1"),
+    "mat_msd_batch": ("MAT as the authors ran it: M-MIMO MSD, batch rule", "(1 + M)K + 1", "K + 1"),
 }
 
 # The issue's targets: (label, numerator, denominator, "<=" | ">=", bound) on time per batch.
@@ -84,9 +98,10 @@ def norms_for(method: str, members: int) -> tuple[str, ...]:
 
 
 def config(method: str, *, steps: int, members: int, backbone: str, batch_size: int, device: str) -> TrainConfig:
-    """The resolved training config of ``method`` for one row of the table."""
-    return TrainConfig(method=method, steps=steps, members=members, model=backbone,
-                       norms=norms_for(method, members), batch_size=batch_size, device=device).resolved()
+    """The resolved training config of row ``method`` (a method or a :data:`VARIANTS` key)."""
+    base, overrides = VARIANTS.get(method, (method, {}))
+    return TrainConfig(method=base, steps=steps, members=members, model=backbone,
+                       norms=norms_for(base, members), batch_size=batch_size, device=device, **overrides).resolved()
 
 
 @dataclass
@@ -110,7 +125,7 @@ class MethodBench:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One training batch: inner maximisation + outer loss, backward, optimizer step."""
-        out = get_method(self.name).loss(self.ctx, x, y)
+        out = get_method(method_of(self.name)).loss(self.ctx, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -180,7 +195,7 @@ def measure(methods=METHODS, *, steps: int = 10, members: int = 3, backbone: str
     reports progress (stderr).
     """
     for name in methods:
-        get_method(name)  # unknown names fail before any work
+        get_method(method_of(name))  # unknown names fail before any work
     log = log or (lambda s: None)
     dev = resolve_device(device)
     data, batches = mnist_batches(batch_size, 1 + warmup + repeats, dev, seed)
@@ -219,7 +234,7 @@ def measure(methods=METHODS, *, steps: int = 10, members: int = 3, backbone: str
     rows = []
     for name in methods:
         label, ff, fb = TABLE_6.get(name, (name, "?", "?"))
-        f_fwd, f_bwd = get_method(name).passes(steps, members)
+        f_fwd, f_bwd = get_method(method_of(name)).passes(steps, members)
         q1, med, q3 = quartiles(seconds[name])
         fwd, bwd = counts[name]
         rows.append({

@@ -6,6 +6,7 @@
   pyens dml-report  DML paper tables (2, 4-9), detection, certified accuracy, masking check
   pyens info    versions, build flags, devices and the backend every op would use
   pyens demo    a short MAT-style PGD run of the fused step on every usable backend
+  pyens convert-checkpoint  rewrite a checkpoint of an earlier pyens version in the safe format (--trust)
 """
 from __future__ import annotations
 
@@ -106,6 +107,14 @@ def _csv(cast):
     return lambda text: tuple(cast(v) for v in text.split(",") if v)
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 DEFAULT_CONFIG = "quick-mnist"  # `pyens train` with no arguments: the main job
 
 # `pyens train` flags -> TrainConfig fields; None means "keep the config's value".
@@ -114,7 +123,7 @@ _TRAIN_FLAGS = {
     "eps": _csv(float), "alpha": _csv(float), "steps": int, "k": int, "outer": str, "epochs": int,
     "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "schedule": str,
     "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int, "eps_warmup": float,
-    "input_repetition": float,
+    "input_repetition": float, "msd_select": str, "k_range": _csv(int), "random_start": _bool,
 }
 
 
@@ -159,12 +168,15 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pyens.eval import catalogue, format_table, pgd_specs
+    from pyens.eval.catalogue import APGD_KEYS
     from pyens.eval.reporting import evaluate_run
     from pyens.training.checkpoint import atomic_write_text
 
     device = _check_eval_flags(args)
-    if args.attacks == "pgd":
-        specs = lambda dataset: pgd_specs(dataset, steps=args.eval_steps, restarts=args.eval_restarts)  # noqa: E731
+    if args.attacks in ("pgd", "pgd+apgd"):
+        def specs(dataset):
+            out = pgd_specs(dataset, steps=args.eval_steps, restarts=args.eval_restarts)
+            return out + (catalogue(args.attacks, dataset, only=APGD_KEYS) if args.attacks == "pgd+apgd" else [])
     else:
         specs = lambda dataset: catalogue(args.attacks, dataset)  # noqa: E731
     reports = []
@@ -175,14 +187,31 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
         atomic_write_text(report.to_markdown(), Path(run_dir) / "eval.md")
         reports.append(report)
     n = reports[0].n
-    what = f"PGD at the paper's radii, {args.eval_steps} steps" if args.attacks == "pgd" else \
-        f"the {args.attacks!r} attack catalogue"
+    what = {"pgd": f"PGD at the paper's radii, {args.eval_steps} steps",
+            "pgd+apgd": f"PGD at the paper's radii ({args.eval_steps} steps) and AutoAttack's APGD-CE and "
+                        "APGD-T (100 steps, torchattacks) for linf and l2"}.get(args.attacks,
+                                                                                 f"the {args.attacks!r} attack catalogue")
     print(f"\nrobust accuracy (%) on the first {n} test images, {what} (Table 4 layout):")
     print(format_table(reports))
+    for run_dir, report in zip(run_dirs, reports):
+        print(f"{report.model} = {_trained(run_dir)}")
     if args.markdown:
         Path(args.markdown).write_text(format_table(reports, markdown=True))
         print(f"markdown table written to {args.markdown}")
     return 0
+
+
+def _trained(run_dir) -> str:
+    """What the run in ``run_dir`` trained, in one line (its config's method and settings)."""
+    from pathlib import Path
+
+    from pyens.training import load_config
+    from pyens.training.methods import describe
+
+    try:
+        return describe(load_config(Path(run_dir) / "config.toml").resolved())
+    except (OSError, ValueError, KeyError) as exc:  # an old or foreign config: the table still stands
+        return f"(config unreadable: {exc})"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -233,17 +262,39 @@ def cmd_dml_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_flags(p: argparse.ArgumentParser) -> None:
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    """Checkpoints load with weights_only=True; this converts older ones, the only full unpickle."""
+    from pyens.training.checkpoint import convert
+
+    backup = convert(args.run, trust=args.trust)
+    if backup is None:
+        print(f"{args.run}: the checkpoint already loads safely (weights only); nothing to convert")
+    else:
+        print(f"{args.run}: checkpoint converted to the safe format; the original is kept as {backup}")
+    return 0
+
+
+def _eval_flags(p: argparse.ArgumentParser, *, attacks: str = "pgd", n: int = 1000) -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-n", type=int, default=1000, help="test images (the papers use the first 1000)")
+    g.add_argument("--eval-n", type=int, default=n, help=f"test images (default {n}; the papers use the first 1000)")
     g.add_argument("--eval-steps", type=int, default=50, help="PGD steps per attack")
     g.add_argument("--eval-restarts", type=int, default=1,
                    help="PGD runs per attack; above 1 each starts at a random point of the ball")
     g.add_argument("--eval-batch-size", type=int, default=500)
     g.add_argument("--eval-device", default=None, help="default: auto")
     g.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
-    g.add_argument("--attacks", default="pgd", choices=("pgd", "quick", "paper"),
-                   help="pgd: PGD linf/l2/l1 (--eval-steps, --eval-restarts); quick/paper: the attack catalogue")
+    g.add_argument("--attacks", default=attacks, choices=("pgd", "pgd+apgd", "quick", "paper"),
+                   help=f"pgd: PGD linf/l2/l1 (--eval-steps, --eval-restarts); pgd+apgd: also APGD-CE and APGD-T "
+                        f"for linf and l2; quick/paper: the attack catalogue (default: {attacks})")
+
+
+def _methods_help() -> str:
+    """One line per training method: what ``--method NAME`` trains."""
+    from pyens.training import METHODS
+
+    width = max(map(len, METHODS))
+    lines = [f"  {name:{width}s}  {METHODS[name].doc}" for name in sorted(METHODS)]
+    return "methods (--method):\n" + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("-v", "--verbose", action="store_true", help="also say why the other backends are not used")
     info.set_defaults(func=cmd_info)
     tr = sub.add_parser("train", help="train MAT or a baseline (no arguments: the quick MNIST MAT run)",
-                        description="Train, then evaluate. Flags override the config (default: quick-mnist).")
+                        description="Train, then evaluate. Flags override the config (default: quick-mnist).",
+                        epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", default=None,
                     help=f"a TOML file or a shipped config name (default: {DEFAULT_CONFIG}; with --resume: the run's)")
     for flag, cast in _TRAIN_FLAGS.items():
@@ -261,12 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     tr.add_argument("--no-eval", action="store_true", help="skip the robustness table after training")
     tr.add_argument("--no-progress", action="store_true")
-    _eval_flags(tr)
+    # The main job's table: APGD beside PGD (PGD alone overstates robustness), on 500 images so
+    # that training and table together stay within minutes on 2 CPU cores.
+    _eval_flags(tr, attacks="pgd+apgd", n=500)
     tr.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="robustness table (Table 4 layout) of trained runs")
     ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     ev.add_argument("--no-progress", action="store_true")
-    _eval_flags(ev)
+    _eval_flags(ev, attacks="pgd+apgd")
     ev.set_defaults(func=cmd_eval)
     rp = sub.add_parser("report", help="evaluate runs and write a Markdown report with tables and plots",
                         description="Table 4 (every catalogue attack), transferability (Tables 1-3, 9-12), curves, "
@@ -275,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", default="report", help="output folder (default: ./report)")
     rp.add_argument("--title", default=None)
-    rp.add_argument("--attacks", default="quick", choices=("quick", "paper", "pgd"), help="catalogue preset")
+    rp.add_argument("--attacks", default="quick", choices=("quick", "paper", "pgd", "pgd+apgd"), help="catalogue preset")
     rp.add_argument("--only", default=None, help="comma-separated catalogue keys (default: all of the preset)")
     rp.add_argument("--set", action="append", metavar="ATTACK.PARAM=VALUE", help="override a preset parameter")
     rp.add_argument("--subset", action="append", metavar="ATTACK=N", help="run ATTACK on the first N examples only")
@@ -301,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--device", default=None, help="default: auto")
     dr.add_argument("--no-progress", action="store_true")
     dr.set_defaults(func=cmd_dml_report)
+    cc = sub.add_parser("convert-checkpoint", help="rewrite a checkpoint of an earlier pyens version in the "
+                                                   "safe format (needs --trust)",
+                        description="Checkpoints load with torch.load(weights_only=True), which runs no code. "
+                                    "Ones written by earlier pyens versions hold NumPy objects and need a full "
+                                    "unpickle, which runs whatever the file holds: with --trust this does that "
+                                    "once, rewrites the checkpoint with tensors and plain values, and keeps the "
+                                    "original as checkpoint.pt.orig.")
+    cc.add_argument("run", metavar="RUN", help="a run directory or a checkpoint file")
+    cc.add_argument("--trust", action="store_true",
+                    help="you trust the file: unpickling it fully runs any code it holds")
+    cc.set_defaults(func=cmd_convert_checkpoint)
     demo = sub.add_parser("demo", help="run MAT's fused inner PGD step on every usable backend")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--batch", type=int, default=128)

@@ -37,7 +37,25 @@ def test_measured_counts_equal_table_6(method, k, m, mnist):
     b = cost_table.MethodBench.build(method, data, torch.device("cpu"), steps=k, members=m, backbone="small_cnn",
                                      batch_size=4)
     assert b.cfg.members == (1 if method in ("standard", "at") else m)
-    assert b.count(x, y) == cost_table.get_method(method).passes(k, m)
+    assert b.count(x, y) == cost_table.get_method(cost_table.method_of(method)).passes(k, m)
+
+
+def test_the_authors_variant_row_runs_their_adversary():
+    cfg = cost_table.config("mat_msd_batch", steps=1, members=3, backbone="small_cnn", batch_size=4, device="cpu")
+    assert (cfg.method, cfg.msd_select, cfg.random_start, cfg.k_range) == ("mat_msd", "batch", True, (5, 20))
+
+
+def test_msd_score_bench_runs(tmp_path, capsys):
+    from bench import msd_score
+
+    path = tmp_path / "score.json"
+    assert msd_score.main(["--batch-size", "3", "--steps", "1", "--rounds", "1", "--threads", "1",
+                           "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert len(res["stacked_ms"]) == len(res["per_norm_ms"]) == 1
+    assert "stacked / per_norm" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        msd_score.main(["--rounds", "0"])
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from pyens.eval import CATALOGUE, AttackSpec, RobustnessReport, catalogue, evaluate, lp_norm, targets
-from pyens.eval.catalogue import MINIMUM_NORM, preset_params
+from pyens.eval.catalogue import APGD_KEYS, MINIMUM_NORM, preset_params
 from tests.eval_helpers import linear, one_thread  # noqa: F401 (autouse fixture)
 
 # Cheap parameters for each catalogue attack (the tiny model is not robust; they still work).
@@ -15,6 +15,7 @@ TINY = {
     "cw_l2": dict(binary_search_steps=2, steps=20), "boundary": dict(steps=50),
     "salt_pepper": dict(steps=50), "ead_l1": dict(binary_search_steps=2, steps=30, initial_const=1.0),
     "autoattack_linf": {}, "autoattack_l2": {},
+    **{key: dict(steps=10) for key in APGD_KEYS},
 }
 
 
@@ -29,7 +30,7 @@ def tiny():
 
 
 def test_presets_cover_the_catalogue_and_label_every_cut():
-    assert set(preset_params("paper")) == set(CATALOGUE) == set(preset_params("quick"))
+    assert set(preset_params("paper")) == set(CATALOGUE) - set(APGD_KEYS) == set(preset_params("quick"))
     paper = {s.key: s for s in catalogue("paper")}
     assert all(s.note == "" for s in paper.values())
     assert paper["pgd_l1"].params["steps"] == 200 and paper["pgd_l1"].params["k"] == 20
@@ -44,10 +45,37 @@ def test_presets_cover_the_catalogue_and_label_every_cut():
         catalogue("pgd", only=["hsj"])
 
 
+def test_the_main_jobs_preset_is_pgd_plus_autoattacks_gradient_attacks():
+    specs = {s.key: s for s in catalogue("pgd+apgd", "mnist")}
+    assert list(specs) == ["pgd_linf", "pgd_l2", "pgd_l1", *APGD_KEYS]
+    for key in APGD_KEYS:  # AutoAttack's standard version: 100 iterations, one restart
+        assert specs[key].params == {"eps": specs[key].eps, "steps": 100, "n_restarts": 1}
+        assert specs[key].eps == {"linf": 0.3, "l2": 2.0}[specs[key].norm]
+    assert specs["pgd_l1"].params["steps"] == 50
+    assert specs["apgd_t_l2"].name == "APGD-T l2 (eps 2, 100 steps)"
+
+
+def test_apgd_t_is_targeted_and_apgd_ce_is_not(tiny, monkeypatch):
+    """The adapters reach torchattacks' APGDT (targeted DLR) and APGD with loss 'ce'."""
+    import torchattacks
+
+    made = []
+    for name in ("APGD", "APGDT"):
+        real = getattr(torchattacks, name)
+        monkeypatch.setattr(torchattacks, name, lambda *a, _n=name, _r=real, **kw: made.append((_n, kw)) or _r(*a, **kw))
+    model, x, y = tiny
+    for key in APGD_KEYS:
+        (spec,) = catalogue("pgd+apgd", "mnist", only=[key], params={key: dict(steps=2)})
+        spec.make(model)(x, y)
+    assert [(n, kw.get("loss"), kw["norm"]) for n, kw in made] == [
+        ("APGD", "ce", "Linf"), ("APGDT", None, "Linf"), ("APGD", "ce", "L2"), ("APGDT", None, "L2")]
+
+
 @pytest.mark.parametrize("key", list(CATALOGUE))
 def test_every_adapter_runs_on_a_tiny_model(tiny, key):
     model, x, y = tiny
-    (spec,) = catalogue("quick", "mnist", only=[key], params={key: TINY[key]})
+    preset = "pgd+apgd" if key in APGD_KEYS else "quick"
+    (spec,) = catalogue(preset, "mnist", only=[key], params={key: TINY[key]})
     atk = spec.make(model)
     torch.manual_seed(0)
     x_adv = atk(x, y)

@@ -41,6 +41,51 @@ def test_passes_per_batch_equal_table_6(method):
     assert (count.forward, count.backward) == get_method(method).passes(k, cfg.members), method
 
 
+# The paper's Table 6 (MAT paper), written out here rather than read from Method.passes():
+# (forward, backward) per training batch for K steps and M members. dml / dml_at / ensemble are
+# the DML paper's methods (M plain members; dml_at adds one FGSM pass per member).
+PAPER_TABLE_6 = {
+    "standard": lambda k, m: (1, 1),
+    "mimo": lambda k, m: (1, 1),
+    "at": lambda k, m: (k + 1, k + 1),
+    "ensemble_at": lambda k, m: (m * (k + 1), m * (k + 1)),
+    "avg": lambda k, m: (m * k + m, m * k + m),
+    "max": lambda k, m: (m * k + m, m * k + m),
+    "msd": lambda k, m: ((1 + m) * k + 1, k + 1),
+    "mimo_at": lambda k, m: (k + 1, m * k + 1),
+    "mat": lambda k, m: (k + 1, k + 1),
+    "mat_same": lambda k, m: (k + 1, k + 1),
+    "mat_msd": lambda k, m: ((1 + m) * k + 1, k + 1),
+    "ensemble": lambda k, m: (m, m),
+    "dml": lambda k, m: (m, m),
+    "dml_at": lambda k, m: (2 * m, 2 * m),
+}
+VARIANT_SETTINGS = {
+    "": {},
+    "batch": dict(msd_select="batch", random_start=True, k_range=(5, 20)),  # the MAT authors' adversary
+    "batch-fixed-k": dict(msd_select="batch"),
+}
+
+
+@pytest.mark.parametrize("method,variant", [(m, "") for m in sorted(PAPER_TABLE_6)]
+                         + [("mat_msd", "batch"), ("mat_msd", "batch-fixed-k"), ("msd", "batch")])
+@pytest.mark.parametrize("k", [1, 3])
+def test_counted_passes_equal_the_papers_table_6(method, variant, k):
+    m, b = 3, 4
+    cfg = TrainConfig(method=method, steps=k, members=m, **VARIANT_SETTINGS[variant]).resolved()
+    torch.manual_seed(0)
+    net = build_network(cfg, _tiny_data())
+    ctx = StepContext(net=net, train_net=net, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))
+    with count_passes(counted_networks(net), b) as count:
+        get_method(method).loss(ctx, x, y).loss.backward()
+    assert (count.forward, count.backward) == PAPER_TABLE_6[method](k, m)
+
+
+def test_every_method_has_a_paper_table_6_row():
+    assert set(METHODS) == set(PAPER_TABLE_6)
+
+
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if get_method(m).kind == "mimo"))
 def test_mimo_methods_draw_inputs_with_the_configured_repetition(method, monkeypatch):
     import pyens.nn
@@ -205,7 +250,7 @@ def test_ddp_replicas_agree(tmp_path):
 
 def test_cli_train_then_eval(tmp_path):
     out = tmp_path / "cli"
-    common = ["--eval-n", "20", "--eval-steps", "2", "--no-progress"]
+    common = ["--eval-n", "20", "--eval-steps", "2", "--attacks", "pgd", "--no-progress"]
     proc = subprocess.run([sys.executable, "-m", "pyens", "train", "--method", "standard", "--train-size", "60",
                            "--epochs", "1", "--out", str(out), *common], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -287,7 +332,7 @@ def test_eval_recovers_from_a_damaged_eval_json(tmp_path, capsys):
     from pyens.cli import main
 
     out = tmp_path / "run"
-    common = ["--eval-n", "10", "--eval-steps", "1", "--no-progress"]
+    common = ["--eval-n", "10", "--eval-steps", "1", "--attacks", "pgd", "--no-progress"]
     assert main(["train", "--method", "standard", "--train-size", "20", "--epochs", "1", "--out", str(out),
                  *common]) == 0
     whole = (out / "eval.json").read_text()
@@ -296,3 +341,51 @@ def test_eval_recovers_from_a_damaged_eval_json(tmp_path, capsys):
         assert main(["eval", str(out), *common]) == 0
     assert json.loads((out / "eval.json").read_text())["n"] == 10
     assert not list(out.glob(".*.tmp"))
+
+
+def test_train_help_says_what_every_method_trains(capsys):
+    from pyens.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for name, method in METHODS.items():
+        assert f"{name}  " in text and method.doc.split()[0] in text, name
+    assert "paper's text" in METHODS["mat"].doc
+
+
+def test_cli_rejects_an_unknown_method_listing_the_methods(tmp_path, capsys):
+    from pyens.cli import main
+
+    assert main(["train", "--method", "matt", "--out", str(tmp_path / "r"), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "method must be one of" in err and "'mat_msd'" in err and "'matt'" in err
+
+
+@pytest.mark.parametrize("flag,value,name", [("--msd-select", "mean", "msd_select"), ("--k-range", "9,5", "k_range"),
+                                             ("--k-range", "0,5", "k_range"), ("--k-range", "5", "k_range")])
+def test_cli_msd_options_are_checked_naming_the_option(tmp_path, capsys, flag, value, name):
+    from pyens.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--method", "mat_msd", "--out", str(out), "--no-eval", flag, value]) == 2
+    assert name in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_main_job_config_trains_and_prints_the_apgd_table(tmp_path):
+    """`pyens train` with no method: the shipped main-job config, a few steps, the table with APGD rows."""
+    cfg = load_config("quick-mnist").resolved()
+    assert get_method(cfg.method).kind == "mimo" and cfg.members == 3  # the main job stays an ensemble
+    out = tmp_path / "main"
+    proc = subprocess.run([sys.executable, "-m", "pyens", "train", "--max-steps", "2", "--train-size", "200",
+                           "--out", str(out), "--eval-n", "8", "--eval-steps", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("APGD-CE linf (eps 0.3, 100 steps)", "APGD-T linf", "APGD-CE l2", "APGD-T l2", "PGD l1",
+                "All attacks"):
+        assert row in proc.stdout, row
+    assert f"main = {cfg.method}: " in proc.stdout  # the table names what was trained
+    saved = load_config(out / "config.toml")
+    assert (saved.method, saved.msd_select, saved.input_repetition) == (cfg.method, cfg.msd_select,
+                                                                        cfg.input_repetition)

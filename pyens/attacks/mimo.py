@@ -29,6 +29,7 @@ from pyens.attacks._common import (
     check_choice,
     check_flag,
     check_inputs,
+    check_norm,
     check_run,
     finish,
     forward,
@@ -36,10 +37,11 @@ from pyens.attacks._common import (
     iterate,
     loss_and_grad,
     lp_params,
+    per_entry,
 )
 from pyens.attacks._common import random_start as draw_start
 from pyens.attacks.losses import ce_loss
-from pyens.attacks.msd import msd_iterate
+from pyens.attacks.msd import SCORES, SELECTS, check_k_range, msd_iterate
 
 GRADIENTS = ("approx", "naive")
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -124,23 +126,38 @@ def mimo_pgd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: str | Seq
 
 def mimo_msd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: Sequence[str] = ("linf", "l2", "l1"),
              eps: float | Sequence[float], alpha: float | Sequence[float], steps: int,
-             k: int | Sequence[int] = 20, projection: str = "exact",
+             k: int | Sequence[int] = 20, select: str = "example", random_start: bool = False,
+             start_norms: Sequence[str] | None = None, k_range: tuple[int, int] | None = None,
+             score: str = "auto", projection: str = "exact",
              box: tuple[float, float] = (0, 1)) -> torch.Tensor:
     """MSD inside MAT (``mat_msd``, MAT paper App. F): every member trained with MSD.
 
     Per step: one forward + ONE backward of ``Σ_b Σ_m L_m`` (the eq. 6 gradient); for each
     norm p one candidate ``lp_step`` of ALL member slices (one launch, each slice projected
-    onto ``B_p(eps_p) ∩ box``) and one forward; per (example, member) the candidate with the
-    highest member loss ``L_m`` becomes slice m's next delta. The per-(example, member)
-    best candidate over all steps is returned (scored by the member loss it had when it was
-    evaluated: slice m is credited with ``L_m``, MIMO's premise being that member m depends
-    mainly on slot m; Fig. 1 shows the cross gradients are small).
+    onto ``B_p(eps_p) ∩ box``), and the P candidates scored (one forward of the P stacked
+    batches, or one forward each). Slice m's next delta is then chosen by member m's loss
+    ``L_m`` (MIMO's premise: member m depends mainly on slot m; Fig. 1 shows the cross
+    gradients are small):
+
+    * ``select="example"``: per (example, member) the highest-loss candidate; the best
+      candidate over all steps is returned (Maini et al.'s rule, per slot).
+    * ``select="batch"``: per member the norm whose candidate has the highest ``L_m`` summed
+      over the batch moves every example of slot m; the last iterate is returned. This is
+      the adversary of the MAT authors' code (``attack.py``, ``MSDStep.step``, at 81c380f),
+      which trained every "MAT" model of their paper.
 
     Args:
         model: ``[B, M, ...] -> [B, M, K]``. x: ``[B, M, ...]``; y: ``[B, M]``.
         norms: the competing norms (default linf, l2, l1); eps, alpha, k: per norm (a
             sequence aligned with ``norms``) or one scalar, shared by all members.
-        steps: K. projection, box: as in :func:`mimo_pgd`.
+        steps: K. select: ``"example"`` or ``"batch"``.
+        random_start: start slot m uniformly in ``B_{q_m}(eps_{q_m}) ∩ box`` with ``q_m =
+            start_norms[m]`` (the authors' per-slot norm list; default ``norms`` when it has
+            one entry per member, else ``norms[0]`` for every slot). Uses the global torch RNG.
+        k_range: ``(lo, hi)``: draw each slot's l1 sparsity from ``[lo, hi]`` at every step
+            (the authors drew from 5..20) instead of ``k``.
+        score: ``"stacked"`` or ``"per_norm"`` (see :class:`pyens.attacks.MSD`).
+        projection, box: as in :func:`mimo_pgd`.
 
     Returns:
         Detached ``x_adv: [B, M, ...]``. Cost: ``(1 + P) K`` forwards and K backwards (Table 6
@@ -148,9 +165,26 @@ def mimo_msd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: Sequence[
     """
     steps, projection, box = check_run(steps, projection, box)
     x, y, _ = check_inputs(x, y, box, members=True)
+    m = x.shape[1]
     norms, eps, alpha, k = lp_params(norms, eps, alpha, k)
+    check_choice(select, SELECTS, "select")
+    check_choice(score, SCORES, "score")
+    k_range = check_k_range(k_range)
+    start = None
+    if check_flag(random_start, "random_start"):
+        if start_norms is None:
+            start_norms = norms if len(norms) == m else [norms[0]] * m
+        start_norms = per_entry(list(start_norms), m, "start_norms", "member", check_norm)
+        radius = {p: e for p, e in zip(norms, eps)}
+        missing = sorted(set(start_norms) - set(radius))
+        if missing:
+            raise ValueError(f"start_norms: {missing} must be among norms {tuple(norms)} (their eps is the radius)")
+        start = draw_start(x, start_norms, [radius[p] for p in start_norms], box, projection, members=m)
+    elif start_norms is not None:
+        raise ValueError("start_norms needs random_start=True")
     delta = msd_iterate(model, x, y, norms=norms, eps=eps, alpha=alpha, k=k, steps=steps, box=box,
-                        projection=projection, members=x.shape[1])
+                        projection=projection, members=m, select=select, start=start, k_range=k_range,
+                        score=score)
     return finish(x, delta, box)
 
 

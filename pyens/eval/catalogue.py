@@ -17,13 +17,18 @@ autoattack_l2      l2     white-box   torchattacks ``AutoAttack`` (standard vers
 salt_pepper        l1     black-box   foolbox ``SaltAndPepperNoiseAttack``
 ead_l1             l1     white-box   foolbox ``EADAttack`` (L1 decision rule)
 msd                other  white-box   :class:`pyens.attacks.MSD` (worst of 3 steps)
+apgd_ce_linf/l2    norm   white-box   torchattacks ``APGD`` (loss ``ce``), AutoAttack's first
+apgd_t_linf/l2     norm   white-box   torchattacks ``APGDT`` (targeted DLR, 9 targets)
 =================  =====  ==========  ==================================================
 
 Minimum-norm attacks (CW, EAD, HSJ, Boundary, salt & pepper) succeed on an example only if
 their adversarial example lies within the radius (``evaluate`` checks every attack's
 distance), and their per-example distances give the distortion-accuracy curves.
 
-Presets: ``"paper"`` (App. C.2: PGD 200 steps, l1 k = 20, 10 restarts, the training step
+Presets: ``"pgd+apgd"`` (the main job's table: PGD linf / l2 / l1 as in ``"pgd"``, plus
+AutoAttack's two gradient attacks APGD-CE and APGD-T at 100 steps for linf and l2, from
+torchattacks; PGD from ``delta = 0`` overstates the robustness of adversarially trained
+models, and APGD's step-size schedule and DLR loss close most of that gap), ``"paper"`` (App. C.2: PGD 200 steps, l1 k = 20, 10 restarts, the training step
 sizes; the other attacks at their original authors' settings, which are the libraries'
 defaults unless said otherwise), ``"quick"`` (the same catalogue cut to CPU size; every
 difference from ``"paper"`` is written into the spec's ``note`` and so into the report) and
@@ -42,7 +47,8 @@ RADII = {"mnist": (0.3, 2.0, 10.0), "cifar10": (0.03, 0.5, 12.0), "resisc45": (0
 # The paper's PGD step sizes (Appendix C.1, also used at test time): (linf, l2, l1).
 PAPER_ALPHA = {"mnist": (0.01, 0.1, 0.8), "cifar10": (0.003, 0.02, 1.0), "resisc45": (0.003, 0.02, 1.0)}
 NORMS = ("linf", "l2", "l1")
-PRESETS = ("paper", "quick", "pgd")
+PRESETS = ("paper", "quick", "pgd", "pgd+apgd")
+APGD_KEYS = ("apgd_ce_linf", "apgd_t_linf", "apgd_ce_l2", "apgd_t_l2")
 # Attacks that minimise the distortion: their per-example distances are worth a curve.
 MINIMUM_NORM = ("hsj", "cw_l2", "boundary", "salt_pepper", "ead_l1")
 
@@ -255,6 +261,14 @@ CATALOGUE: dict[str, Entry] = {
     "salt_pepper": Entry("Salt & pepper l1", "l1", "l1", "black-box", _fb("SaltAndPepperNoiseAttack"), "foolbox"),
     "ead_l1": Entry("EAD l1", "l1", "l1", "white-box", _fb("EADAttack", decision_rule="L1"), "foolbox"),
     "msd": Entry("MSD linf/l2/l1", "other", None, "white-box", _msd, "pyens"),
+    # AutoAttack's gradient attacks on their own (the main job's table; not in Table 4).
+    "apgd_ce_linf": Entry("APGD-CE linf", "linf", "linf", "white-box", _ta("APGD", norm="Linf", loss="ce", seed=0),
+                          "torchattacks"),
+    "apgd_t_linf": Entry("APGD-T linf", "linf", "linf", "white-box", _ta("APGDT", norm="Linf", seed=0),
+                         "torchattacks"),
+    "apgd_ce_l2": Entry("APGD-CE l2", "l2", "l2", "white-box", _ta("APGD", norm="L2", loss="ce", seed=0),
+                        "torchattacks"),
+    "apgd_t_l2": Entry("APGD-T l2", "l2", "l2", "white-box", _ta("APGDT", norm="L2", seed=0), "torchattacks"),
 }
 
 
@@ -273,6 +287,8 @@ PAPER = {
     "ead_l1": dict(binary_search_steps=9, steps=1000, initial_stepsize=0.01, initial_const=0.001,
                    regularization=0.01, abort_early=True),
     "msd": dict(steps=200, k=20),
+    # AutoAttack's standard version: 100 iterations, 1 restart each, APGD-T over 9 target classes.
+    **{key: dict(steps=100, n_restarts=1) for key in APGD_KEYS},
 }
 # The quick preset: what changes from the paper's, to fit a CPU (50-step PGD, step sizes scaled).
 QUICK = {
@@ -298,9 +314,11 @@ def preset_params(preset: str, dataset: str = "mnist") -> dict[str, dict]:
     out = {f"pgd_{p}": dict(norm=p, alpha=a, **table["pgd"]) for p, a in zip(NORMS, alpha)}
     if preset == "pgd":
         return out
-    out.update({k: v for k, v in table.items() if k != "pgd"})
+    if preset == "pgd+apgd":
+        return {**out, **{k: table[k] for k in APGD_KEYS}}
+    out.update({k: v for k, v in table.items() if k not in ("pgd", *APGD_KEYS)})
     out["msd"] = dict(alpha=alpha, **table["msd"])
-    return {k: out[k] for k in CATALOGUE}
+    return {k: out[k] for k in CATALOGUE if k in out}
 
 
 def _fmt(v) -> str:
@@ -313,7 +331,7 @@ def _fmt(v) -> str:
 
 def differences(key: str, params: dict, dataset: str) -> str:
     """``"steps 50 (paper 200), ..."``: how ``params`` differ from the paper's preset."""
-    paper = preset_params("paper", dataset)[key]
+    paper = preset_params("paper", dataset).get(key) or PAPER[key]
     diffs = [f"{k} {_fmt(v)} (paper {_fmt(paper.get(k))})" for k, v in params.items()
              if _fmt(v) != _fmt(paper.get(k))]
     return ", ".join(diffs)
@@ -354,8 +372,8 @@ def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[s
             note = ", ".join(filter(None, [f"first {subsets[key]} examples only", note]))
         if key.startswith("pgd_"):
             name = _pgd_name(entry.norm, eps, p["steps"], p.get("restarts", 1))
-        elif key == "msd":
-            name = f"{entry.title} ({p['steps']} steps)"
+        elif key == "msd" or key in APGD_KEYS:
+            name = f"{entry.title} ({'eps ' + format(eps, 'g') + ', ' if eps else ''}{p['steps']} steps)"
         else:
             name = f"{entry.title} (eps {eps:g})"
         shown = p if eps is None else {"eps": eps, **p}

@@ -43,7 +43,7 @@ class Settings:
     """What ``pyens report`` measures.
 
     Attributes:
-        preset: the catalogue preset (``"paper"``, ``"quick"``, ``"pgd"``); it also sets the
+        preset: the catalogue preset (``"paper"``, ``"quick"``, ``"pgd"``, ``"pgd+apgd"``); it also sets the
             PGD of the curves and the transfer tables.
         n: examples for the catalogue (the papers: the first 1000 test images).
         curves_n / transfer_n: examples for the curves and the transfer tables (None: ``n``).

@@ -35,6 +35,7 @@ PAPER_ALPHA = {
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("triangular", "three_phase", "constant")
 OUTER_LOSSES = ("max", "sum")
+MSD_SELECTS = ("example", "batch")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
@@ -55,7 +56,14 @@ class TrainConfig:
             (what config files use, so one file serves every method); missing = the paper's
             value for the dataset and norm.
         steps: K, PGD steps of the inner maximisation; ``k``: l1 sparsity of the step.
-        random_start: start the inner PGD from a random point of the ball.
+        k_range: ``[lo, hi]``: draw the l1 sparsity from ``lo..hi`` at every inner step
+            instead of ``k`` (``msd``, ``mat_msd``; the MAT authors' code draws from 5..20);
+            empty = fixed ``k``.
+        random_start: start the inner PGD from a random point of the ball (``mat_msd``: slot
+            m from member m's own ball, as in the MAT authors' code).
+        msd_select: ``msd`` / ``mat_msd``: ``"example"`` (Maini et al.: the worst norm per
+            example, best iterate over steps) or ``"batch"`` (the MAT authors' code: per
+            member, the norm with the highest batch loss at each step; last iterate).
         eps_warmup: ramp the training radii (and step sizes) linearly from 0 to ``eps``
             over this fraction of training (0 = the full radius from the first step).
         outer: MAT's outer loss over members: ``"max"`` (Algorithm 1) or ``"sum"`` (eq. 4).
@@ -79,7 +87,9 @@ class TrainConfig:
     alpha: tuple[float, ...] | dict = ()
     steps: int = 10
     k: int = 20
+    k_range: tuple[int, ...] = ()
     random_start: bool = False
+    msd_select: str = "example"
     eps_warmup: float = 0.0
     outer: str = "sum"
     input_repetition: float = 0.0
@@ -128,6 +138,11 @@ class TrainConfig:
         _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
         _choice(cfg.schedule, SCHEDULES, "schedule")
         _choice(cfg.outer, OUTER_LOSSES, "outer")
+        _choice(cfg.msd_select, MSD_SELECTS, "msd_select")
+        from pyens.attacks.msd import check_k_range
+
+        cfg.k_range = tuple(check_k_range(tuple(cfg.k_range) if isinstance(cfg.k_range, list) else cfg.k_range,
+                                          "k_range") or ())
         cfg.input_repetition = probability("input_repetition", cfg.input_repetition)
         for name in ("lr", "weight_decay", "momentum"):
             v = float(getattr(cfg, name))
@@ -139,7 +154,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("norms", "eps", "alpha"):
+        for key in ("norms", "eps", "alpha", "k_range"):
             d[key] = dict(d[key]) if isinstance(d[key], dict) else list(d[key])
         return d
 
@@ -232,7 +247,7 @@ def config_from_dict(data: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"config: unknown keys {unknown}; known: {sorted(known)}")
     data = dict(data)
-    for key in ("norms", "eps", "alpha"):
+    for key in ("norms", "eps", "alpha", "k_range"):
         if key in data and isinstance(data[key], list):
             data[key] = tuple(data[key])
     return TrainConfig(**data)

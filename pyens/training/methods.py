@@ -118,6 +118,22 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def describe(cfg) -> str:
+    """One line saying what a resolved config trains: the method, its network and its adversary."""
+    method = get_method(cfg.method)
+    parts = [f"{cfg.method}: {method.doc}"]
+    if method.kind != "single":
+        parts.append(f"{cfg.members} members")
+    if cfg.method in ("msd", "mat_msd"):
+        rule = {"example": "per example, best step (Maini et al.)",
+                "batch": "per member over the batch, last step (the MAT authors' code)"}[cfg.msd_select]
+        parts.append(f"MSD rule {cfg.msd_select} ({rule})")
+    if method.kind == "mimo" and cfg.input_repetition:
+        parts.append(f"input repetition {cfg.input_repetition:g}")
+    parts.append(f"backbone {cfg.model}, {cfg.epochs} epochs, K = {cfg.steps}")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # shared pieces
 
@@ -287,7 +303,8 @@ class MSD(Method):
 
         cfg = ctx.cfg
         with _attack_mode(ctx.net):
-            x_adv = MSDAttack(ctx.net, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps, k=cfg.k)(x, y)
+            x_adv = MSDAttack(ctx.net, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps, k=cfg.k,
+                              select=cfg.msd_select, k_range=cfg.k_range or None)(x, y)
         return _single_output(ctx.train_net(x_adv), y)
 
 
@@ -319,7 +336,8 @@ class MimoAT(_MimoAdversarial):
 @register
 class MAT(_MimoAdversarial):
     name = "mat"
-    doc = "MAT: MIMO AT with the summed-loss gradient (eq. 6, Algorithm 1): one backward per step"
+    doc = ("MAT as the paper's text states it (eq. 6, Algorithm 1): member m trained by PGD in norm m only, "
+           "one backward per step; not robust to the union of norms (docs/training.md)")
 
 
 @register
@@ -337,7 +355,8 @@ class MATSame(_MimoAdversarial):
 @register
 class MATMSD(Method):
     name, kind = "mat_msd", "mimo"
-    doc = "MIMO with every member trained by MSD over the norms, summed-loss gradient"
+    doc = ("MAT as its authors' code trains it: a MIMO ensemble whose every member meets the worst of the norms "
+           "at each PGD step (MSD; --msd-select example or batch); the main job")
 
     def passes(self, k, m):
         return (1 + m) * k + 1, k + 1
@@ -349,8 +368,11 @@ class MATMSD(Method):
         cfg = ctx.cfg
         xm, ym = mimo_batch(x, y, cfg.members, generator=ctx.generator, repetition=cfg.input_repetition)
         with _attack_mode(ctx.net):
-            x_adv = mimo_msd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha,
-                             steps=cfg.steps, k=cfg.k)
+            # cfg.norms has one norm per member: each competes at every step, and slot m's
+            # random start (if any) is drawn from member m's own ball (the authors' code).
+            x_adv = mimo_msd(ctx.net, xm, ym, norms=cfg.norms, eps=ctx.eps, alpha=ctx.alpha, steps=cfg.steps,
+                             k=cfg.k, select=cfg.msd_select, random_start=cfg.random_start,
+                             k_range=cfg.k_range or None)
         return _member_output(ctx.train_net(x_adv), ym, cfg.outer)
 
 
