@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,15 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
     if resume:
         # With a config given, every field of it must match the run, not only the flags.
         cfg = _resumed_config(out, cfg, set(dataclasses.asdict(cfg)) if config else set(overrides))
+        if d.main:  # left by checkpoint writes that a kill interrupted (the checkpoint itself is whole)
+            checkpoint.remove_stray_temporaries(out / checkpoint.CHECKPOINT)
+        if not (out / checkpoint.CHECKPOINT).exists():
+            # Stopped (killed) before its first checkpoint: nothing was trained, and starting
+            # at step 0 is bit-identical to the run that was stopped. Said, never silent.
+            if d.main:
+                print(f"resume: {out} has no {checkpoint.CHECKPOINT} yet (the run stopped before its first "
+                      "checkpoint); starting it from step 0 with its saved config", file=sys.stderr)
+            resume = False
     cfg.out = str(out)
     return _Trainer(cfg, out, resume, progress, d).fit()
 
@@ -97,14 +107,14 @@ def _run_dir(cfg: TrainConfig, resume: bool, d: distributed.Dist) -> Path:
 def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     if cfg.out:
         out = Path(cfg.out)
-        if resume or _claim(out):
+        if resume or _claim(out, cfg):
             return out
         raise FileExistsError(f"out: {out} already holds a run (its config.toml); pass resume=True "
                               "(--resume) to continue it, or choose another out")
     base = Path("runs") / f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
     candidates = itertools.chain([base], (base.with_name(f"{base.name}-{n}") for n in itertools.count(2)))
     if not resume:
-        return next(out for out in candidates if _claim(out))
+        return next(out for out in candidates if _claim(out, cfg))
     newest = base
     for out in candidates:
         if not out.exists():
@@ -112,22 +122,33 @@ def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         newest = out
 
 
-def _claim(out: Path) -> bool:
-    """Create ``out/config.toml`` if no run holds ``out``; whether this call did."""
+def _claim(out: Path, cfg: TrainConfig) -> bool:
+    """Create ``out/config.toml`` if no run holds ``out``; whether this call did.
+
+    The config goes into the claimed file at once, so a run killed before its first
+    checkpoint (while loading data, say) leaves a config that ``resume`` can start from.
+    """
     if (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
         return False
     out.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return False
+    with os.fdopen(fd, "w") as f:
+        f.write(dataclasses.replace(cfg, out=str(out)).to_toml())
     return True
 
 
 def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
-    if not (out / checkpoint.CHECKPOINT).exists():
-        raise FileNotFoundError(f"resume: {out} has no {checkpoint.CHECKPOINT} to resume from")
-    saved = load_config(out / "config.toml").resolved()
+    config_file = out / "config.toml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"resume: {out} has no {checkpoint.CHECKPOINT} to resume from "
+                                "(nor a config.toml: no run was started there)")
+    if config_file.stat().st_size == 0:  # claimed, then killed before a byte of config was written
+        raise ValueError(f"resume: {config_file} is empty: the run stopped before it wrote its config, "
+                         f"so nothing was trained; remove {out} and start the run again")
+    saved = load_config(config_file).resolved()
     changed = sorted(k for k in keys if k not in RESUMABLE_OVERRIDES
                      and getattr(saved, k, None) != getattr(cfg, k, None))
     if changed:
