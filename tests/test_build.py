@@ -46,6 +46,31 @@ def test_build_info_reports_the_cuda_decision():
         assert info["cuda_note"].startswith("CUDA skipped: "), info
 
 
+def _host_package_dirs() -> list[str]:
+    """The directories this interpreter imports torch, numpy and their dependencies from."""
+    import site
+
+    import numpy
+    import torch
+
+    dirs = [Path(m.__file__).resolve().parents[1] for m in (torch, numpy)]
+    dirs += [Path(d) for d in site.getsitepackages()] + [Path(site.getusersitepackages())]
+    return list(dict.fromkeys(str(d) for d in dirs if d.is_dir()))
+
+
+def _see_host_packages(py: Path) -> None:
+    """Let the venv of ``py`` import the host's torch (heavy, pinned) through a ``.pth`` file.
+
+    Not ``venv --system-site-packages``: made from inside a venv, that exposes the *base*
+    interpreter's site-packages, which has no torch. A ``.pth`` file naming the directories
+    this interpreter loads torch from works alike from a venv, a system Python and conda. Its
+    entries come after the venv's own site-packages, so pyens is still the wheel's.
+    """
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "_pyens_test_host_packages.pth").write_text("\n".join(_host_package_dirs()) + "\n")
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     """Build the wheel, install it (no deps) in a new venv, import it there and run an op."""
@@ -59,9 +84,9 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert any(n.startswith("pyens/_C") and n.endswith(".so") for n in names), "the wheel lacks pyens._C"
     assert not any(n.startswith("kernels/") for n in names), "no top-level 'kernels' package"
     venv = tmp_path / "venv"
-    # torch is heavy and pinned: the new venv sees the installed one; pyens itself comes only from the wheel.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    _see_host_packages(py)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
     script = (
         "import pyens, torch, pathlib, sys\n"
@@ -69,7 +94,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         "from pyens.ops import lp_step, use_backend\n"
         "x = torch.rand(4, 3, 10); g = torch.randn_like(x)\n"
         "with use_backend('cpu'):\n"
-        "    d = lp_step(torch.zeros_like(x), g, x, norm=('l1','l2','linf'), eps=(1.,.5,.1), alpha=(.5,.2,.05))\n"
+        "    d = lp_step(torch.zeros_like(x), g, x, norm=('l1','l2','linf'), eps=(1.,.5,.1), alpha=(.5,.2,.05), members=3)\n"
         "assert d[:, 0].abs().sum(-1).max() <= 1 + 1e-6\n"
         "print('ok', pyens.ops.backends()['lp_step']['cpu']['selected'])\n"
     )

@@ -16,10 +16,16 @@ def test_readme_opens_with_the_two_commands():
     assert "pip install torch==2.13.0" in tests and "pytest" in tests
 
 
-def test_ci_runs_the_readme_test_command():
+def _ci_block(name: str) -> str:
     ci = (ROOT / ".ci" / "run").read_text()
-    block = ci.split("# README test command (start)\n")[1].split("# README test command (end)")[0].strip()
-    assert block == _readme_commands()[1]
+    return ci.split(f"# README {name} command (start)\n")[1].split(f"# README {name} command (end)")[0].strip()
+
+
+def test_ci_runs_the_readme_commands_in_a_fresh_venv():
+    assert _ci_block("main") == _readme_commands()[0]
+    assert _ci_block("test") == _readme_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("-m venv") < ci.index("# README main command (start)")
 
 
 def test_no_install_asks_for_an_unpinned_torch():

@@ -306,7 +306,7 @@ def test_members_flag_that_the_method_overrides_is_an_error(tmp_path):
 def test_config_paths_and_devices_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="config: no file .*typo/quick-mnist.toml"):
         load_config(tmp_path / "typo" / "quick-mnist.toml")  # never the shipped file of that name
-    assert load_config("quick-mnist.toml").method == "mat"  # a bare name still finds the shipped one
+    assert load_config("quick-mnist.toml").method == "mat_msd"  # a bare name still finds the shipped one
     for device in ("cudafoo", "gpu", "cuda:x"):
         with pytest.raises(ValueError, match="device must be"):
             TrainConfig(device=device).resolved()
