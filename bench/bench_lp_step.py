@@ -296,7 +296,8 @@ def test_lp_step_members(benchmark, device, member_case):
     ops, _ = _pyens_ops()
     with ops.use_backend(provider):
         def fn():
-            return ops.lp_step(delta, grad, x, norm=MAT_NORMS, eps=eps, alpha=alpha, k=K)
+            return ops.lp_step(delta, grad, x, norm=MAT_NORMS, eps=eps, alpha=alpha, k=K,
+                               members=len(MAT_NORMS))
         out = run_benchmark(benchmark, fn, device)
     for m, norm in enumerate(MAT_NORMS):
         if PEER_PROJECTION[norm] == "exact":

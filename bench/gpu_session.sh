@@ -66,7 +66,7 @@ case "$stage" in
         --no-eval --no-progress "${resume[@]}" 2>&1 | tee "$RES/train.log" | tail -20
     if [ "${PIPESTATUS[0]}" -eq 0 ]; then
         say "eval"
-        "$PY" -m pyens eval "$run" --eval-device cuda --markdown "$RES/eval.md" 2>&1 | tail -20
+        "$PY" -m pyens eval "$run" --device cuda --markdown "$RES/eval.md" 2>&1 | tail -20
         cp "$run"/{metrics.jsonl,config.toml,eval.json} "$RES/" 2>/dev/null
     else
         echo "training stopped before its end; call the stage again to resume from the checkpoint"

@@ -76,7 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pyens.ops import available_backends, lp_step, use_backend
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    from pyens.training.distributed import resolve_device
+
+    device = resolve_device(args.device, "--device")
     b, n = args.batch, 784
     norms, eps, alpha = ("l1", "l2", "linf"), (10.0, 2.0, 0.3), (0.8, 0.1, 0.01)  # MNIST, Appendix C
     x = torch.rand(b, 3, n, device=device)
@@ -91,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with use_backend(backend):
             start = time.perf_counter()
             for _ in range(args.steps):
-                delta = lp_step(delta, grad, x, norm=norms, eps=eps, alpha=alpha, k=20)
+                delta = lp_step(delta, grad, x, norm=norms, eps=eps, alpha=alpha, k=20, members=3)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - start) / args.steps * 1e3
@@ -107,6 +109,32 @@ def _csv(cast):
     return lambda text: tuple(cast(v) for v in text.split(",") if v)
 
 
+def _per_norm(text: str):
+    """``--eps``/``--alpha``: ``linf=0.3,l2=2,l1=10`` (a ``{norm: value}`` table, as in the config
+    files) or a bare list ``0.3,2,10`` (one value per member, in the order of the norms)."""
+    from pyens.training.config import NORMS
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected linf=V,l2=V,l1=V or one value per member")
+    try:
+        if any("=" in v for v in items):
+            table = {}
+            for item in items:
+                norm, sep, value = item.partition("=")
+                norm = norm.strip()
+                if not sep or norm not in NORMS:
+                    raise argparse.ArgumentTypeError(f"expected NORM=VALUE with NORM one of {', '.join(NORMS)}, "
+                                                     f"got {item!r} (e.g. linf=0.3,l2=2,l1=10)")
+                if norm in table:
+                    raise argparse.ArgumentTypeError(f"{norm} given twice in {text!r}")
+                table[norm] = float(value)
+            return table
+        return tuple(float(v) for v in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, e.g. linf=0.3,l2=2,l1=10 or 0.3; got {text!r}") from None
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("true", "yes", "1", "on"):
         return True
@@ -120,21 +148,101 @@ DEFAULT_CONFIG = "quick-mnist"  # `pyens train` with no arguments: the main job
 # `pyens train` flags -> TrainConfig fields; None means "keep the config's value".
 _TRAIN_FLAGS = {
     "method": str, "dataset": str, "data_dir": str, "model": str, "members": int, "norms": _csv(str),
-    "eps": _csv(float), "alpha": _csv(float), "steps": int, "k": int, "outer": str, "epochs": int,
+    "eps": _per_norm, "alpha": _per_norm, "steps": int, "k": int, "outer": str, "epochs": int,
     "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "schedule": str,
     "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int, "eps_warmup": float,
     "input_repetition": float, "msd_select": str, "k_range": _csv(int), "random_start": _bool,
 }
+_PER_NORM_HELP = ("as NORM=VALUE per norm ({example}; norms not named keep the config's value), or a "
+                  "bare list with one value per member in the order of --norms; one number alone only when every "
+                  "member has the same norm")
+
+
+def _train_help() -> dict[str, str]:
+    """Help of every ``pyens train`` flag: what it sets, its unit, choices, and quick-mnist's value."""
+    from pyens.nn.backbones import BACKBONES
+    from pyens.training import METHODS
+    from pyens.training import config as c
+
+    return {
+        "method": f"training method, one of {', '.join(sorted(METHODS))} (each explained below)",
+        "dataset": f"dataset, one of {', '.join(c.PAPER_EPS)} (mnist is embedded; the others need --data-dir)",
+        "data_dir": "folder holding the dataset's files (empty: the embedded MNIST; nothing is downloaded)",
+        "model": f"backbone, one of {', '.join(BACKBONES)}",
+        "members": "M, sub-models of a MIMO or vanilla ensemble (count); attacked methods take one per norm "
+                   "from --norms",
+        "norms": "comma-separated norms of the inner attack, one per member, from linf, l2, l1 (empty: the "
+                 "method's, l1,l2,linf; at and mat_same: linf)",
+        "eps": "attack radii in pixel units (pixels in [0, 1]), "
+               + _PER_NORM_HELP.format(example="linf=0.3,l2=2,l1=10") + " (missing: the paper's)",
+        "alpha": "PGD step sizes in pixel units per step, "
+                 + _PER_NORM_HELP.format(example="linf=0.01,l2=0.1,l1=0.8") + " (missing: the paper's)",
+        "steps": "K, PGD steps of the inner maximisation (count)",
+        "k": "l1 sparsity: coordinates an l1 step moves (count)",
+        "outer": f"MAT's loss over members, one of {', '.join(c.OUTER_LOSSES)} (max: Algorithm 1; sum: eq. 4)",
+        "epochs": "passes over the training set (count)",
+        "batch_size": "training examples per optimizer step (count; the global batch under torchrun)",
+        "optimizer": f"one of {', '.join(c.OPTIMIZERS)}",
+        "lr": "peak learning rate of the schedule",
+        "weight_decay": "L2 weight-decay coefficient",
+        "schedule": f"learning-rate schedule over all steps, one of {', '.join(c.SCHEDULES)}",
+        "train_size": "train on the first N training images (count; 0: all)",
+        "seed": "random seed of the initialisation, batch order and attacks (int)",
+        "device": f"where training runs: {c.DEVICES_HINT}",
+        "out": "run directory (empty: runs/METHOD-DATASET-MODEL-seedSEED, then -2, -3, ... when taken)",
+        "max_steps": "stop after this many optimizer steps in all (count; 0: no limit); the run stays resumable",
+        "eps_warmup": "fraction of training (0 to 1) over which radii and step sizes ramp up from 0",
+        "input_repetition": "MIMO methods: probability (0 to 1) that an example fills every input slot",
+        "msd_select": f"msd and mat_msd: worst norm per example or per member over the batch, one of "
+                      f"{', '.join(c.MSD_SELECTS)}",
+        "k_range": "LO,HI: msd and mat_msd draw the l1 sparsity from LO..HI at every step (empty: a fixed --k)",
+        "random_start": "true or false: start the inner PGD at a random point of the ball",
+    }
+
+
+def _shown(value) -> str:
+    """A config value as it would be typed on the command line."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "empty"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "empty"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if value != "" else "empty"
+
+
+def _config_defaults() -> dict:
+    """The values ``pyens train`` uses when a flag is not given: the default config's."""
+    from pyens.training import TrainConfig, load_config
+
+    try:
+        return load_config(DEFAULT_CONFIG).to_dict()
+    except (OSError, ValueError):  # the help never fails
+        return TrainConfig().to_dict()
 
 
 def _check_eval_flags(args: argparse.Namespace):
     """The evaluation flags, checked before any training starts; returns the eval device."""
+    from pyens.eval.catalogue import PGD_PRESETS
     from pyens.training.distributed import resolve_device
 
-    for flag in ("eval_n", "eval_steps", "eval_restarts", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    return resolve_device(args.eval_device or "auto", "--eval-device")
+    flag = lambda name: f"--{args.eval_prefix}{name}"  # noqa: E731 - as this subcommand spells it
+    for name, dest in (("n", "eval_n"), ("steps", "eval_steps"), ("restarts", "eval_restarts"),
+                       ("batch-size", "eval_batch_size")):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {value}")
+    if args.attacks not in PGD_PRESETS:
+        for name, dest in (("steps", "eval_steps"), ("restarts", "eval_restarts")):
+            if getattr(args, dest) is not None:
+                raise ValueError(f"{flag(name)} sets PGD's steps in --attacks {' and '.join(PGD_PRESETS)}; the "
+                                 f"{args.attacks!r} preset has its own (pyens report --set changes them)")
+    return resolve_device(args.eval_device or "auto", flag("device"))
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -146,16 +254,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --resume reads the run's own config; a --config given with it must match that.
     config = args.config or (None if args.resume else DEFAULT_CONFIG)
     result = train(config=config, resume=args.resume, progress=not args.no_progress, **overrides)
+    if _rank() != 0:  # under torchrun every rank trains; rank 0 reports and evaluates
+        return 0 if result.replicas_agree else 1
     print(f"run saved in {result.out} (checkpoint {result.checkpoint.name}, metrics.jsonl, config.toml)")
     if result.history:
         last = result.history[-1]
         clean = last.get("eval_clean_acc")
         print(f"epoch {last['epoch']}: train loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}, "
               f"clean test acc {float('nan') if clean is None else clean:.3f}, {last['images_per_s']:.0f} img/s")
+    if result.stopped_at is not None:
+        cfg = result.config
+        per_epoch = -(-result.total_steps // cfg.epochs) if result.total_steps else 0
+        where = f", in epoch {result.stopped_at // per_epoch + 1} of {cfg.epochs}" if per_epoch else ""
+        print(f"training stopped early at step {result.stopped_at} of {result.total_steps} (max_steps "
+              f"{cfg.max_steps}){where}; continue it with: pyens train --resume --out {result.out} "
+              "--max-steps 0")
     if not result.replicas_agree:
         print("error: the DDP replicas ended with different parameters", file=sys.stderr)
         return 1
-    if args.no_eval or int(os.environ.get("RANK", "0")) != 0:
+    if args.no_eval:
         return 0
     return _evaluate_runs([result.out], args)
 
@@ -167,18 +284,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pyens.eval import catalogue, format_table, pgd_specs
-    from pyens.eval.catalogue import APGD_KEYS
+    from pyens.eval import format_table
+    from pyens.eval.catalogue import preset_attacks
     from pyens.eval.reporting import evaluate_run
     from pyens.training.checkpoint import atomic_write_text
 
     device = _check_eval_flags(args)
-    if args.attacks in ("pgd", "pgd+apgd"):
-        def specs(dataset):
-            out = pgd_specs(dataset, steps=args.eval_steps, restarts=args.eval_restarts)
-            return out + (catalogue(args.attacks, dataset, only=APGD_KEYS) if args.attacks == "pgd+apgd" else [])
-    else:
-        specs = lambda dataset: catalogue(args.attacks, dataset)  # noqa: E731
+    # The same function builds pyens.evaluate(attacks=PRESET)'s attacks: the two agree.
+    specs = lambda dataset: preset_attacks(args.attacks, dataset, steps=args.eval_steps,  # noqa: E731
+                                           restarts=args.eval_restarts)
+    steps = args.eval_steps or 50
     reports = []
     for run_dir in run_dirs:
         report = evaluate_run(run_dir, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size, device=device,
@@ -187,8 +302,8 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
         atomic_write_text(report.to_markdown(), Path(run_dir) / "eval.md")
         reports.append(report)
     n = reports[0].n
-    what = {"pgd": f"PGD at the paper's radii, {args.eval_steps} steps",
-            "pgd+apgd": f"PGD at the paper's radii ({args.eval_steps} steps) and AutoAttack's APGD-CE and "
+    what = {"pgd": f"PGD at the paper's radii, {steps} steps",
+            "pgd+apgd": f"PGD at the paper's radii ({steps} steps) and AutoAttack's APGD-CE and "
                         "APGD-T (100 steps, torchattacks) for linf and l2"}.get(args.attacks,
                                                                                  f"the {args.attacks!r} attack catalogue")
     print(f"\nrobust accuracy (%) on the first {n} test images, {what} (Table 4 layout):")
@@ -274,18 +389,52 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_flags(p: argparse.ArgumentParser, *, attacks: str = "pgd", n: int = 1000) -> None:
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: still works, says which to use instead."""
+
+    def __init__(self, option_strings, dest, use: str = "", **kwargs):
+        kwargs.setdefault("help", f"deprecated spelling of {use}")
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.use = use
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# The evaluation flags: `pyens eval` spells them as `pyens report` does (--n, --batch-size, ...);
+# `pyens train`, where --steps, --batch-size and --device set training, prefixes them with --eval-.
+_EVAL_FLAGS = (  # (name, dest, type, default, help)
+    ("n", "eval_n", int, None, "test images evaluated, the first N of the test split (count; the papers use 1000)"),
+    ("steps", "eval_steps", int, None, "PGD steps per attack (count; --attacks pgd and pgd+apgd only; the step "
+                                       "size follows) (default: 50)"),
+    ("restarts", "eval_restarts", int, None,
+     "PGD runs per attack (count; --attacks pgd and pgd+apgd only); above 1 each starts at a random point of "
+     "the ball (default: 1)"),
+    ("batch-size", "eval_batch_size", int, 500, "test images per attack batch (count)"),
+    ("device", "eval_device", str, "auto", "where the evaluation runs: 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+)
+
+
+def _eval_flags(p: argparse.ArgumentParser, *, attacks: str = "pgd", n: int = 1000, prefix: str = "eval-") -> None:
+    """The evaluation flags, named ``--{prefix}n`` etc.; with no prefix, ``--eval-*`` stay as deprecated aliases."""
+    p.set_defaults(eval_prefix=prefix)  # errors name the flags as this subcommand spells them
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-n", type=int, default=n, help=f"test images (default {n}; the papers use the first 1000)")
-    g.add_argument("--eval-steps", type=int, default=50, help="PGD steps per attack")
-    g.add_argument("--eval-restarts", type=int, default=1,
-                   help="PGD runs per attack; above 1 each starts at a random point of the ball")
-    g.add_argument("--eval-batch-size", type=int, default=500)
-    g.add_argument("--eval-device", default=None, help="default: auto")
-    g.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    for name, dest, cast, default, text in _EVAL_FLAGS:
+        default = n if dest == "eval_n" else default
+        g.add_argument(f"--{prefix}{name}", dest=dest, type=cast, default=default,
+                       metavar=name.upper().replace("-", "_"),
+                       help=text + (" (default: %(default)s)" if default is not None else ""))
+    g.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the table to this Markdown file (default: none)")
     g.add_argument("--attacks", default=attacks, choices=("pgd", "pgd+apgd", "quick", "paper"),
-                   help=f"pgd: PGD linf/l2/l1 (--eval-steps, --eval-restarts); pgd+apgd: also APGD-CE and APGD-T "
-                        f"for linf and l2; quick/paper: the attack catalogue (default: {attacks})")
+                   help=f"pgd: PGD linf/l2/l1 at the paper's radii (--{prefix}steps, --{prefix}restarts); pgd+apgd: "
+                        "also AutoAttack's APGD-CE and APGD-T for linf and l2; quick/paper: the whole attack "
+                        "catalogue, cut to CPU size or at the papers' settings (default: %(default)s)")
+    if not prefix:  # the --eval-* spellings of earlier versions: accepted with a warning, not listed
+        for name, dest, cast, _, _ in _EVAL_FLAGS:
+            p.add_argument(f"--eval-{name}", dest=dest, type=cast, action=_Deprecated, use=f"--{name}",
+                           help=argparse.SUPPRESS)
 
 
 def _methods_help() -> str:
@@ -297,8 +446,50 @@ def _methods_help() -> str:
     return "methods (--method):\n" + "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the closest valid spelling in its errors (``pyens trian`` -> train,
+    ``--methd`` -> --method), the latter with the subcommand's own usage."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        bad = re.search(r"invalid choice: '([^']*)'", message)
+        if bad:
+            choices = [str(c) for a in self._actions if a.choices for c in a.choices]
+            close = difflib.get_close_matches(bad.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            for action in self._actions:  # the subcommand's parser: its usage, its flags
+                if isinstance(action, argparse._SubParsersAction):
+                    parser = action.choices.get(getattr(ns, action.dest, None), self)
+            parser.unrecognized(extras)
+        return ns
+
+    def unrecognized(self, extras: list[str]):
+        import difflib
+
+        options = [o for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+        said = []
+        for arg in extras:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
+            said.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        self.error("unrecognized arguments: " + " ".join(said))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyens", description="Robust ensembles (MAT, DML) with fused kernels.")
+    import torch
+
+    from pyens import __version__
+
+    p = _Parser(prog="pyens", description="Robust ensembles (MAT, DML) with fused kernels.")
+    p.add_argument("--version", action="version", version=f"pyens {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, build flags, devices and active backends")
     info.add_argument("-v", "--verbose", action="store_true", help="also say why the other backends are not used")
@@ -308,52 +499,87 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", default=None,
                     help=f"a TOML file or a shipped config name (default: {DEFAULT_CONFIG}; with --resume: the run's)")
+    helps, defaults = _train_help(), _config_defaults()
     for flag, cast in _TRAIN_FLAGS.items():
-        tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=cast, default=None)
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        shown = _shown(defaults[flag]).replace("%", "%%")
+        metavar = {"eps": "NORM=V,...", "alpha": "NORM=V,...", "norms": "NORM,...", "k_range": "LO,HI",
+                   "random_start": "{true,false}"}.get(flag)
+        tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=cast, default=None, metavar=metavar,
+                        help=f"{helps[flag]} (default: the config's; {DEFAULT_CONFIG}: {shown})")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out (default: the newest run of its name) from its checkpoint")
     tr.add_argument("--no-eval", action="store_true", help="skip the robustness table after training")
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-progress", action="store_true",
+                    help="no progress display (default: a bar on a terminal, else a line every few seconds)")
     # The main job's table: APGD beside PGD (PGD alone overstates robustness), on 500 images so
     # that training and table together stay within minutes on 2 CPU cores.
     _eval_flags(tr, attacks="pgd+apgd", n=500)
     tr.set_defaults(func=cmd_train)
-    ev = sub.add_parser("eval", help="robustness table (Table 4 layout) of trained runs")
-    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    ev.add_argument("--no-progress", action="store_true")
-    _eval_flags(ev, attacks="pgd+apgd")
+    ev = sub.add_parser("eval", help="robustness table (Table 4 layout) of trained runs",
+                        description="Evaluate trained runs (the same attacks as pyens.evaluate's default) and "
+                                    "print the robustness table; saves RUN_DIR/eval.json and eval.md. The options "
+                                    "are spelled as pyens report's (--n, --batch-size, --device); the --eval-n, "
+                                    "--eval-steps, ... spellings still work here, deprecated.")
+    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (pyens train --out)")
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress display (default: a bar on a terminal, else a line every few seconds)")
+    _eval_flags(ev, attacks="pgd+apgd", prefix="")
     ev.set_defaults(func=cmd_eval)
     rp = sub.add_parser("report", help="evaluate runs and write a Markdown report with tables and plots",
                         description="Table 4 (every catalogue attack), transferability (Tables 1-3, 9-12), curves, "
                                     "diagnostics and sanity checks of trained runs (or of saved evaluations), as "
                                     "OUT/report.md with PNGs beside it. Measurements are cached under OUT/data.")
-    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    rp.add_argument("--out", default="report", help="output folder (default: ./report)")
-    rp.add_argument("--title", default=None)
-    rp.add_argument("--attacks", default="quick", choices=("quick", "paper", "pgd", "pgd+apgd"), help="catalogue preset")
-    rp.add_argument("--only", default=None, help="comma-separated catalogue keys (default: all of the preset)")
-    rp.add_argument("--set", action="append", metavar="ATTACK.PARAM=VALUE", help="override a preset parameter")
-    rp.add_argument("--subset", action="append", metavar="ATTACK=N", help="run ATTACK on the first N examples only")
-    rp.add_argument("--n", type=int, default=1000, help="test images (the papers use the first 1000)")
-    rp.add_argument("--curves-n", type=int, default=200, help="test images for the curves")
-    rp.add_argument("--transfer-n", type=int, default=None, help="test images for the transfer tables (default: --n)")
-    rp.add_argument("--no-curves", action="store_true")
-    rp.add_argument("--no-transfer", action="store_true")
-    rp.add_argument("--batch-size", type=int, default=250)
-    rp.add_argument("--device", default=None, help="default: auto")
-    rp.add_argument("--no-progress", action="store_true")
+    from pyens.eval.catalogue import CATALOGUE
+
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="training run directories, or folders holding a saved eval.json")
+    rp.add_argument("--out", default="report", help="output folder (default: %(default)s)")
+    rp.add_argument("--title", default=None, help="the report's heading (default: Robustness report)")
+    rp.add_argument("--attacks", default="quick", choices=("quick", "paper", "pgd", "pgd+apgd"),
+                    help="catalogue preset: quick (the catalogue cut to CPU size), paper (the papers' settings), "
+                         "pgd (PGD linf/l2/l1), pgd+apgd (also APGD-CE and APGD-T) (default: %(default)s)")
+    rp.add_argument("--only", default=None, metavar="KEY,...",
+                    help=f"comma-separated catalogue keys, from {', '.join(CATALOGUE)} (default: all of the preset)")
+    rp.add_argument("--set", action="append", metavar="ATTACK.PARAM=VALUE",
+                    help="override a preset parameter, e.g. hsj.steps=8; repeatable (default: none)")
+    rp.add_argument("--subset", action="append", metavar="ATTACK=N",
+                    help="run ATTACK on the first N test images only; repeatable (default: none)")
+    rp.add_argument("--n", type=int, default=1000,
+                    help="test images evaluated, the first N of the test split (count; the papers use 1000) "
+                         "(default: %(default)s)")
+    rp.add_argument("--curves-n", type=int, default=200,
+                    help="test images for the curves (count; default: %(default)s)")
+    rp.add_argument("--transfer-n", type=int, default=None,
+                    help="test images for the transfer tables (count; default: --n)")
+    rp.add_argument("--no-curves", action="store_true", help="skip the robustness curves")
+    rp.add_argument("--no-transfer", action="store_true", help="skip the transfer tables of member ensembles")
+    rp.add_argument("--batch-size", type=int, default=250,
+                    help="test images per attack batch (count; default: %(default)s)")
+    rp.add_argument("--device", default="auto", help="where the evaluation runs: 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                                                      "(default: %(default)s)")
+    rp.add_argument("--no-progress", action="store_true",
+                    help="no progress display (default: a bar on a terminal, else a line every few seconds)")
     rp.set_defaults(func=cmd_report)
     dr = sub.add_parser("dml-report", help="the DML paper's tables for DML and baseline ensemble runs",
                         description="Tables 2, 4, 5, 6/9, 7, certified accuracy, detection, the distortion-accuracy "
                                     "curve and a gradient-masking check, as dml_report.{json,md} and dml_curve.png.")
     dr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="ensemble runs (dml, dml_at, ensemble, ...)")
-    dr.add_argument("--tables", default="all", help="comma-separated: table2,transfer,curve,surrogates,table5,"
-                                                    "table6,autoattack,certified,detection (default: all)")
-    dr.add_argument("--n", type=int, default=1000, help="test images (the paper: the first 1000)")
-    dr.add_argument("--budget", default="quick", choices=("quick", "paper"), help="attack budget (pyens.eval.dml)")
+    from pyens.eval.dml import TABLES
+
+    dr.add_argument("--tables", default="all", metavar="TABLE,...",
+                    help=f"comma-separated, from {', '.join(TABLES)}; or all (default: %(default)s)")
+    dr.add_argument("--n", type=int, default=1000,
+                    help="test images evaluated, the first N of the test split (count; the paper uses 1000) "
+                         "(default: %(default)s)")
+    dr.add_argument("--budget", default="quick", choices=("quick", "paper"),
+                    help="attack budget (steps and image counts per table; pyens.eval.dml.BUDGETS) "
+                         "(default: %(default)s)")
     dr.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
     dr.add_argument("--merge", action="store_true", help="add the tables to an existing dml_report.json")
-    dr.add_argument("--device", default=None, help="default: auto")
-    dr.add_argument("--no-progress", action="store_true")
+    dr.add_argument("--device", default="auto", help="where the evaluation runs: 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                                                      "(default: %(default)s)")
+    dr.add_argument("--no-progress", action="store_true",
+                    help="no progress display (default: a bar on a terminal, else a line every few seconds)")
     dr.set_defaults(func=cmd_dml_report)
     cc = sub.add_parser("convert-checkpoint", help="rewrite a checkpoint of an earlier pyens version in the "
                                                    "safe format (needs --trust)",
@@ -367,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="you trust the file: unpickling it fully runs any code it holds")
     cc.set_defaults(func=cmd_convert_checkpoint)
     demo = sub.add_parser("demo", help="run MAT's fused inner PGD step on every usable backend")
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--batch", type=int, default=128)
-    demo.add_argument("--steps", type=int, default=100)
+    demo.add_argument("--device", default="auto",
+                      help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
+    demo.add_argument("--batch", type=int, default=128, help="rows per member (count; default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=100, help="steps timed per backend (count; default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -30,19 +30,20 @@ def tiny():
 
 
 def test_presets_cover_the_catalogue_and_label_every_cut():
-    assert set(preset_params("paper")) == set(CATALOGUE) - set(APGD_KEYS) == set(preset_params("quick"))
-    paper = {s.key: s for s in catalogue("paper")}
+    assert (set(preset_params("paper", "mnist")) == set(CATALOGUE) - set(APGD_KEYS)
+            == set(preset_params("quick", "mnist")))
+    paper = {s.key: s for s in catalogue("paper", "mnist")}
     assert all(s.note == "" for s in paper.values())
     assert paper["pgd_l1"].params["steps"] == 200 and paper["pgd_l1"].params["k"] == 20
     assert paper["pgd_linf"].params["restarts"] == 10 and paper["pgd_linf"].params["alpha"] == 0.01
     assert paper["hsj"].params["steps"] == 64 and paper["boundary"].params["steps"] == 25000
-    quick = {s.key: s for s in catalogue("quick", subsets={"hsj": 100})}
+    quick = {s.key: s for s in catalogue("quick", "mnist", subsets={"hsj": 100})}
     assert "steps 50 (paper 200)" in quick["pgd_linf"].note
     assert quick["hsj"].note.startswith("first 100 examples only") and quick["hsj"].n == 100
-    assert [s.group for s in catalogue("paper")] == ["linf"] * 3 + ["l2"] * 4 + ["l1"] * 3 + ["other"]
-    assert {s.key for s in catalogue("paper") if s.kind == "black-box"} == {"hsj", "boundary", "salt_pepper"}
+    assert [s.group for s in catalogue("paper", "mnist")] == ["linf"] * 3 + ["l2"] * 4 + ["l1"] * 3 + ["other"]
+    assert {s.key for s in catalogue("paper", "mnist") if s.kind == "black-box"} == {"hsj", "boundary", "salt_pepper"}
     with pytest.raises(ValueError, match="not in the"):
-        catalogue("pgd", only=["hsj"])
+        catalogue("pgd", "mnist", only=["hsj"])
 
 
 def test_the_main_jobs_preset_is_pgd_plus_autoattacks_gradient_attacks():

@@ -21,7 +21,7 @@ def _pgd(steps):
     """The "pgd" preset's PGD with ``steps`` steps (step sizes scaled to match)."""
     eps = {"linf": 0.3, "l2": 2.0, "l1": 10.0}
     return {k: {**p, "steps": steps, "alpha": quick_alpha(p["norm"], eps[p["norm"]], steps)}
-            for k, p in preset_params("pgd").items()}
+            for k, p in preset_params("pgd", "mnist").items()}
 
 
 class Constant(nn.Module):
@@ -151,8 +151,8 @@ def test_sanity_checks_fire_on_a_gradient_masked_model_and_stay_quiet_on_a_plain
                       params={"pgd_linf": dict(steps=10, alpha=0.05), "pgd_l1": dict(steps=10, alpha=2.0),
                               "salt_pepper": dict(steps=50)})
     rep = evaluate(model, (x, y), attacks=specs, n=24, progress=False)
-    curves = robustness_curves(model, (x, y), pgd=_pgd(10), n=24, progress=False, checkpoints=(1, 5, 20),
-                               fractions=(0.0, 0.5, 1.0, 2.0))
+    curves = robustness_curves(model, (x, y), dataset="mnist", pgd=_pgd(10), n=24, progress=False,
+                               checkpoints=(1, 5, 20), fractions=(0.0, 0.5, 1.0, 2.0))
     checks = {c.name: c for c in run_checks(rep, curves)}
     assert flagged(checks.values()) == masked
     if masked:
@@ -180,7 +180,7 @@ def test_curves_and_plots_are_written(tmp_path, data):
 
     x, y = data
     model = linear()
-    curves = robustness_curves(model, (x, y), pgd=_pgd(5), n=16, progress=False, checkpoints=(1, 5),
+    curves = robustness_curves(model, (x, y), dataset="mnist", pgd=_pgd(5), n=16, progress=False, checkpoints=(1, 5),
                                fractions=(0.0, 1.0))
     assert curves.steps["l2"]["steps"] == [1, 5] and len(curves.radius["l1"]["accuracy"]) == 2
     assert curves.radius["linf"]["accuracy"][0] == curves.clean == 1.0

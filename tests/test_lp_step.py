@@ -213,7 +213,7 @@ def test_member_layout_equals_per_member_calls():
     d = (torch.rand_like(x) - 0.5) * 0.2
     g = torch.randn_like(x)
     norms, eps, alpha, k = ("l1", "l2", "linf"), (2.0, 0.5, 0.03), (0.5, 0.1, 0.01), (4, 20, 20)
-    out = lp_step(d, g, x, norm=norms, eps=eps, alpha=alpha, k=k)
+    out = lp_step(d, g, x, norm=norms, eps=eps, alpha=alpha, k=k, members=3)
     assert out.shape == x.shape
     for m in range(3):
         single = lp_step(d[:, m], g[:, m], x[:, m], norm=norms[m], eps=eps[m], alpha=alpha[m], k=k[m])
@@ -224,7 +224,7 @@ def test_norm_spellings_and_scalar_members():
     x = torch.rand(4, 2, 10)
     d, g = torch.zeros_like(x), torch.randn_like(x)
     a = lp_step(d, g, x, norm=float("inf"), eps=0.1, alpha=0.05, members=2)
-    b = lp_step(d, g, x, norm=["linf", "Linf"], eps=[0.1, 0.1], alpha=0.05)
+    b = lp_step(d, g, x, norm=["linf", "Linf"], eps=[0.1, 0.1], alpha=0.05, members=2)
     torch.testing.assert_close(a, b)
     for spelled, code in ((2, "l2"), (1, "l1"), ("L2", "l2")):
         torch.testing.assert_close(lp_step(d, g, x, norm=spelled, eps=0.5, alpha=0.2),
@@ -264,7 +264,7 @@ def test_half_precision_on_cpu_falls_back_to_reference():
 
 def test_empty_batch():
     x = torch.rand(0, 3, 5)
-    out = lp_step(x, x, x, norm=("l1", "l2", "linf"), eps=(1, 1, 1), alpha=(0.1, 0.1, 0.1))
+    out = lp_step(x, x, x, norm=("l1", "l2", "linf"), eps=(1, 1, 1), alpha=(0.1, 0.1, 0.1), members=3)
     assert out.shape == (0, 3, 5)
 
 
@@ -376,13 +376,48 @@ def test_torch_compile_fullgraph():
     def pgd(x, g):
         delta = torch.zeros_like(x)
         for _ in range(3):
-            delta = lp_step(delta, g, x, norm=("l1", "l2", "linf"), eps=(2.0, 0.5, 0.1), alpha=(0.5, 0.2, 0.05), k=(4, 20, 20))
+            delta = lp_step(delta, g, x, norm=("l1", "l2", "linf"), eps=(2.0, 0.5, 0.1), alpha=(0.5, 0.2, 0.05),
+                            k=(4, 20, 20), members=3)
         return x + delta
 
     x = torch.rand(2, 3, 20)
     g = torch.randn_like(x)
     compiled = torch.compile(pgd, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(x, g), pgd(x, g))
+
+
+def test_torch_compile_traces_without_warnings():
+    """Dynamo warned that it ignores the lru_cache of the parameter parsing: it is skipped while tracing."""
+    import warnings
+
+    torch._dynamo.reset()
+
+    def step(x, g):
+        return lp_step(torch.zeros_like(x), g, x, norm=["l1", "l2", "linf"], eps=[2.0, 0.5, 0.1],
+                       alpha=[0.5, 0.2, 0.05], members=3)
+
+    x = torch.rand(2, 3, 20)
+    g = torch.randn_like(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(step, fullgraph=True, backend="eager")(x, g)
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+    torch.testing.assert_close(out, step(x, g))
+
+
+def test_sequence_parameters_need_members():
+    """[8, 3, 32, 32] with three norms: the RGB channels are not members unless members=3 says so."""
+    x = torch.rand(8, 3, 32, 32)
+    d, g = torch.zeros_like(x), torch.randn_like(x)
+    per_member = dict(norm=("l1", "l2", "linf"), eps=(10.0, 2.0, 0.3), alpha=(0.8, 0.1, 0.01))
+    for fn, kwargs in ((lp_step, per_member), (lp_project, dict(norm=["l1", "l2", "linf"], eps=1.0)),
+                       (steepest_direction, dict(norm="l1", k=(2, 3, 4)))):
+        args = (d, g, x) if fn is lp_step else (d, x) if fn is lp_project else (g, x)
+        with pytest.raises(ValueError, match="need members=3"):
+            fn(*args, **kwargs)
+        assert fn(*args, **kwargs, members=3).shape == x.shape  # asked for: the member layout
+    with pytest.raises(ValueError, match=r"eps given per member \(length 3\) need members=3"):
+        lp_step(d, g, x, norm="linf", eps=torch.tensor([0.1, 0.2, 0.3]), alpha=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,9 +435,12 @@ def _args():
     (dict(norm="l2", eps=1.0, alpha=-0.1), ValueError, "alpha must be >= 0"),
     (dict(norm="l1", eps=1.0, alpha=0.1, k=0), ValueError, "k must be >= 1"),
     (dict(norm="l1", eps=1.0, alpha=0.1, k=2.5), TypeError, "k must be an int"),
-    (dict(norm=("l1", "l2"), eps=1.0, alpha=0.1), ValueError, r"with 2 members, delta must be \[B, 2, ...\]"),
+    (dict(norm=("l1", "l2"), eps=1.0, alpha=0.1, members=2), ValueError,
+     r"with 2 members, delta must be \[B, 2, ...\]"),
+    (dict(norm=("l1", "l2", "linf"), eps=1.0, alpha=0.1), ValueError,
+     r"norm given per member \(length 3\) need members=3"),
     (dict(norm=("l1", "l2", "linf"), eps=(1.0, 2.0), alpha=0.1), ValueError, "must share one length"),
-    (dict(norm=("l1", "l2", "linf"), eps=(1.0, -2.0, 3.0), alpha=0.1), ValueError, r"eps\[1\] must be >= 0"),
+    (dict(norm=("l1", "l2", "linf"), eps=(1.0, -2.0, 3.0), alpha=0.1, members=3), ValueError, r"eps\[1\] must be >= 0"),
     (dict(norm="l2", eps=1.0, alpha=0.1, box=(1.0, 0.0)), ValueError, "box must be finite with lo <= hi"),
     (dict(norm="l2", eps=1.0, alpha=0.1, projection="fast"), ValueError, "projection must be 'exact' or 'sequential'"),
 ])

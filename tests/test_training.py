@@ -245,6 +245,7 @@ def test_ddp_replicas_agree(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "different parameters" not in proc.stderr
+    assert proc.stdout.count("run saved in") == 1  # only rank 0 prints
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 

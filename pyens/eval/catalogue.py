@@ -79,10 +79,49 @@ class AttackSpec:
     key: str = ""
 
 
-def _radii(dataset: str) -> tuple[float, float, float]:
-    if dataset not in RADII:
+NO_RADII = ("the attack radii depend on the data: pass dataset= (one of 'mnist', 'cifar10', 'resisc45': the "
+            "papers' radii) or the radii themselves, eps={'linf': 8/255, 'l2': 0.5, 'l1': 12} (pixel units, "
+            "pixels in [0, 1])")
+
+
+def resolve_radii(dataset: str | None = None, radii=None) -> tuple[float, float, float]:
+    """The ``(linf, l2, l1)`` radii attacks are run and judged at.
+
+    ``radii``: ``{norm: value}`` (norms it leaves out take ``dataset``'s paper radius) or a
+    ``(linf, l2, l1)`` triple; without it, ``dataset``'s paper radii (:data:`RADII`). Neither:
+    a ValueError, never MNIST's radii by default.
+    """
+    if dataset is not None and dataset not in RADII:
         raise ValueError(f"dataset must be one of {sorted(RADII)}, got {dataset!r}")
-    return RADII[dataset]
+    if radii is None:
+        if dataset is None:
+            raise ValueError(NO_RADII)
+        return RADII[dataset]
+    if isinstance(radii, dict):
+        bad = sorted(set(radii) - set(NORMS))
+        if bad:
+            raise ValueError(f"eps: keys must be norms {NORMS}, got {bad}")
+        table = {**(dict(zip(NORMS, RADII[dataset])) if dataset else {}), **radii}
+        missing = [p for p in NORMS if p not in table]
+        if missing:
+            raise ValueError(f"eps: no radius for {missing}; give every norm's ({NORMS}), or dataset= for the "
+                             "papers' radii of the norms left out")
+        values = tuple(table[p] for p in NORMS)
+    else:
+        values = tuple(radii)
+        if len(values) != len(NORMS):
+            raise ValueError(f"eps: give {{norm: radius}} or one radius per norm {NORMS}, got {radii!r}")
+    out = []
+    for p, v in zip(NORMS, values):
+        v = float(v)
+        if not (v > 0 and v != float("inf")):
+            raise ValueError(f"eps: the {p} radius must be finite and > 0, got {v}")
+        out.append(v)
+    return tuple(out)
+
+
+def _radii(dataset: str | None, radii=None) -> tuple[float, float, float]:
+    return resolve_radii(dataset, radii)
 
 
 def quick_alpha(norm: str, eps: float, steps: int) -> float:
@@ -96,13 +135,15 @@ def _pgd_name(norm: str, eps: float, steps: int, restarts: int = 1) -> str:
     return f"PGD {norm} (eps {eps:g}, {steps} steps{more})"
 
 
-def pgd_specs(dataset: str = "mnist", *, steps: int = 50, k: int = 20, restarts: int = 1,
+def pgd_specs(dataset: str | None = None, *, radii=None, steps: int = 50, k: int = 20, restarts: int = 1,
               random_start: bool | None = None,
               alpha: tuple[float, float, float] | None = None) -> list[AttackSpec]:
-    """PGD linf / l2 / l1 at the paper's radii; ``alpha`` per norm (default :func:`quick_alpha`).
+    """PGD linf / l2 / l1 at ``radii`` (see :func:`resolve_radii`: ``{norm: value}``, or the
+    paper's radii of ``dataset``; one of the two is needed); ``alpha`` per norm (default
+    :func:`quick_alpha`).
 
     ``random_start`` defaults to ``restarts > 1``: restarts from ``delta = 0`` would all be the
-    same run (``pyens eval --eval-restarts 5`` then means five random starts).
+    same run (``pyens eval --restarts 5`` then means five random starts).
     """
     from pyens.attacks import PGD
 
@@ -110,7 +151,7 @@ def pgd_specs(dataset: str = "mnist", *, steps: int = 50, k: int = 20, restarts:
         random_start = restarts > 1
 
     out = []
-    for i, (norm, eps) in enumerate(zip(NORMS, _radii(dataset))):
+    for i, (norm, eps) in enumerate(zip(NORMS, _radii(dataset, radii))):
         a = quick_alpha(norm, eps, steps) if alpha is None else alpha[i]
         params = dict(norm=norm, eps=eps, alpha=a, steps=steps, k=k, restarts=restarts, random_start=random_start)
         out.append(AttackSpec(_pgd_name(norm, eps, steps, restarts), norm, lambda model, p=params: PGD(model, **p),
@@ -301,16 +342,19 @@ QUICK = {
 }
 
 
-def preset_params(preset: str, dataset: str = "mnist") -> dict[str, dict]:
-    """Catalogue key -> the preset's parameters for ``dataset`` (see the module docstring)."""
+def preset_params(preset: str, dataset: str | None = None, *, radii=None) -> dict[str, dict]:
+    """Catalogue key -> the preset's parameters for ``dataset`` or ``radii`` (see the module
+    docstring and :func:`resolve_radii`). ``"paper"`` takes the paper's step sizes at the paper's
+    radii of ``dataset``, and :func:`quick_alpha` at its 200 steps at other radii."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    radii = _radii(dataset)
+    radii = _radii(dataset, radii)
     changes = {} if preset == "paper" else QUICK
     table = {k: {**v, **changes.get(k, {})} for k, v in PAPER.items()}
     steps = table["pgd"]["steps"]
-    alpha = PAPER_ALPHA[dataset] if preset == "paper" else tuple(quick_alpha(p, e, steps)
-                                                                   for p, e in zip(NORMS, radii))
+    paper_radii = dataset is not None and radii == RADII[dataset]
+    alpha = PAPER_ALPHA[dataset] if preset == "paper" and paper_radii else tuple(quick_alpha(p, e, steps)
+                                                                                   for p, e in zip(NORMS, radii))
     out = {f"pgd_{p}": dict(norm=p, alpha=a, **table["pgd"]) for p, a in zip(NORMS, alpha)}
     if preset == "pgd":
         return out
@@ -329,9 +373,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def differences(key: str, params: dict, dataset: str) -> str:
+def differences(key: str, params: dict, dataset: str | None, radii=None) -> str:
     """``"steps 50 (paper 200), ..."``: how ``params`` differ from the paper's preset."""
-    paper = preset_params("paper", dataset).get(key) or PAPER[key]
+    paper = preset_params("paper", dataset, radii=radii).get(key) or PAPER[key]
     diffs = [f"{k} {_fmt(v)} (paper {_fmt(paper.get(k))})" for k, v in params.items()
              if _fmt(v) != _fmt(paper.get(k))]
     return ", ".join(diffs)
@@ -341,13 +385,15 @@ def describe(params: dict) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in params.items() if k != "norm")
 
 
-def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[str] | None = None,
+def catalogue(preset: str = "paper", dataset: str | None = None, *, radii=None, only: Iterable[str] | None = None,
               params: dict[str, dict] | None = None, subsets: dict[str, int] | None = None) -> list[AttackSpec]:
     """The catalogue's attacks with a preset's parameters, in the Table 4 order.
 
     Args:
-        preset: ``"paper"``, ``"quick"`` or ``"pgd"``.
-        dataset: sets the radii (and the paper's step sizes).
+        preset: ``"paper"``, ``"quick"``, ``"pgd"`` or ``"pgd+apgd"``.
+        dataset: sets the radii (the paper's for that dataset) and the paper's step sizes.
+        radii: the radii instead, ``{norm: value}`` or ``(linf, l2, l1)`` (pixel units); one of
+            ``dataset`` and ``radii`` is needed (:func:`resolve_radii`).
         only: catalogue keys to keep (default: all the preset has).
         params: per-key parameter overrides, e.g. ``{"hsj": {"steps": 8}}``.
         subsets: per-key example counts: run that attack on the first n examples only.
@@ -355,8 +401,9 @@ def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[s
     Every difference from the ``"paper"`` preset (parameters, subsets) is written into the
     spec's ``note``, which the report prints beside the attack.
     """
-    table = preset_params(preset, dataset)
-    radii = _radii(dataset)
+    given = radii
+    table = preset_params(preset, dataset, radii=given)
+    radii = _radii(dataset, given)
     params, subsets = params or {}, subsets or {}
     keys = list(table) if only is None else list(only)
     for key in [*keys, *params, *subsets]:
@@ -367,7 +414,7 @@ def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[s
         entry = CATALOGUE[key]
         p = {**table[key], **params.get(key, {})}
         eps = radii[NORMS.index(entry.norm)] if entry.norm else None
-        note = differences(key, p, dataset)
+        note = differences(key, p, dataset, radii)
         if key in subsets:
             note = ", ".join(filter(None, [f"first {subsets[key]} examples only", note]))
         if key.startswith("pgd_"):
@@ -380,3 +427,39 @@ def catalogue(preset: str = "paper", dataset: str = "mnist", *, only: Iterable[s
         out.append(AttackSpec(name, entry.group, entry.build(p, eps, radii), shown, entry.norm, eps,
                               entry.kind, subsets.get(key), note, key))
     return out
+
+
+DEFAULT_PRESET = "pgd+apgd"  # pyens.evaluate's and pyens eval's default
+PGD_PRESETS = ("pgd", "pgd+apgd")
+
+
+def preset_attacks(preset: str = DEFAULT_PRESET, dataset: str | None = None, *, radii=None,
+                   steps: int | None = None, restarts: int | None = None, **kwargs) -> list[AttackSpec]:
+    """The attacks of a preset, as ``pyens eval --attacks PRESET`` and
+    ``pyens.evaluate(attacks=PRESET)`` both run them (one function, so the two agree).
+
+    Args:
+        preset: one of :data:`PRESETS` (default ``"pgd+apgd"``: PGD linf / l2 / l1, 50 steps,
+            plus AutoAttack's APGD-CE and APGD-T for linf and l2).
+        dataset, radii: the radii (:func:`resolve_radii`).
+        steps, restarts: PGD's steps and restarts (``pgd`` and ``pgd+apgd`` only; ``pyens eval
+            --steps/--restarts``); the step size follows the steps (:func:`quick_alpha`) and
+            restarts above 1 start at random points of the ball. Default: the preset's (50, 1).
+        **kwargs: ``only``, ``params``, ``subsets`` of :func:`catalogue`.
+    """
+    params = {key: dict(p) for key, p in (kwargs.pop("params", None) or {}).items()}
+    if steps is not None or restarts is not None:
+        if preset not in PGD_PRESETS:
+            raise ValueError(f"steps and restarts set PGD's in the {PGD_PRESETS} presets; the {preset!r} preset "
+                             "sets its own (override them with params=)")
+        for name, v in (("steps", steps), ("restarts", restarts)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for norm, eps in zip(NORMS, _radii(dataset, radii)):
+            change = {}
+            if steps is not None:
+                change.update(steps=steps, alpha=quick_alpha(norm, eps, steps))
+            if restarts is not None:
+                change.update(restarts=restarts, random_start=restarts > 1)
+            params[f"pgd_{norm}"] = {**change, **params.get(f"pgd_{norm}", {})}
+    return catalogue(preset, dataset, radii=radii, params=params, **kwargs)

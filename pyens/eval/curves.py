@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from pyens.eval.catalogue import NORMS, RADII, preset_params, quick_alpha
+from pyens.eval.catalogue import NORMS, preset_params, quick_alpha, resolve_radii
 from pyens.eval.report import RobustnessReport
 from pyens.eval.robustness import labelled, predict_labels, targets
 
@@ -87,8 +87,8 @@ def noise_robust(predict: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     return ok
 
 
-def robustness_curves(model, data, *, dataset: str = "mnist", pgd: str | dict = "quick", n: int = 200,
-                      batch_size: int = 250, device: str | torch.device = "cpu", name: str = "model",
+def robustness_curves(model, data, *, dataset: str | None = None, eps=None, pgd: str | dict = "quick", n: int = 200,
+                      batch_size: int = 250, device: str | torch.device = "auto", name: str = "model",
                       surrogate: nn.Module | None = None, checkpoints=None, fractions=RADIUS_FRACTIONS,
                       noise_draws: int = 10, seed: int = 0, progress: bool = True) -> Curves:
     """Steps and radius curves per norm, noise and unbounded-attack accuracy on ``n`` examples.
@@ -98,21 +98,26 @@ def robustness_curves(model, data, *, dataset: str = "mnist", pgd: str | dict = 
     The steps curve runs to ``max(200, steps)`` with that step size (``checkpoints`` to
     change it); the radius curve runs ``steps`` steps at ``fraction * eps`` with
     :func:`~pyens.eval.catalogue.quick_alpha` of that radius. The unbounded attack is linf
-    PGD with eps = 1 (the whole [0, 1] box).
+    PGD with eps = 1 (the whole [0, 1] box). The radii: ``dataset``'s paper radii (default:
+    ``data.name``) or ``eps`` (``{norm: radius}``); one of them is needed.
     """
+    from pyens.training.distributed import resolve_device
+
+    dataset = dataset or getattr(data, "name", None)
+    radii = resolve_radii(dataset, eps)
     x_all, y_all = labelled(data, n)
-    device = torch.device(device)
+    device = resolve_device(device)
     predict, attack_model = targets(model, surrogate)
     predict, attack_model = predict.to(device).eval(), attack_model.to(device).eval()
-    pgd = preset_params(pgd, dataset) if isinstance(pgd, str) else pgd
+    pgd = preset_params(pgd, dataset, radii=eps) if isinstance(pgd, str) else pgd
     steps = pgd["pgd_linf"]["steps"]
     checkpoints = tuple(checkpoints or [s for s in STEP_CHECKPOINTS if s <= max(200, steps)])
     jobs = len(NORMS) * (2 + len(fractions)) + 2  # + clean + unbounded
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pyens._progress import progress as progress_display
 
-        bar = tqdm(total=jobs, desc=f"curves {name}", unit="run", dynamic_ncols=True)
+        bar = progress_display(jobs, f"curves {name}", unit="run")
 
     def over_batches(fn) -> torch.Tensor:
         torch.manual_seed(seed)
@@ -127,7 +132,7 @@ def robustness_curves(model, data, *, dataset: str = "mnist", pgd: str | dict = 
     try:
         clean = over_batches(lambda x, y: predict_labels(predict, x) == y)
         curves = Curves(name, len(x_all), rate(clean))
-        for norm, eps in zip(NORMS, RADII[dataset]):
+        for norm, eps in zip(NORMS, radii):
             p = pgd[f"pgd_{norm}"]
             robust = over_batches(lambda x, y: pgd_steps_curve(attack_model, predict, x, y, norm=norm, eps=eps,
                                                                 alpha=p["alpha"], checkpoints=checkpoints, k=p["k"]))

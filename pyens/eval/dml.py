@@ -182,7 +182,7 @@ def table2_specs(dataset: str = "mnist", *, cw_steps: int = 200) -> list[AttackS
 
 
 def table2(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", n: int = 1000, cw_steps: int = 200,
-           batch_size: int = 250, device="cpu", progress: bool = True) -> list[RobustnessReport]:
+           batch_size: int = 250, device="auto", progress: bool = True) -> list[RobustnessReport]:
     """Tables 2-3: each ensemble judged by its majority vote, attacked through its summed logits."""
     return [evaluate(vote_classifier(net), data, attacks=table2_specs(dataset, cw_steps=cw_steps), n=n,
                      batch_size=batch_size, device=device, name=name, dataset=dataset, progress=progress)
@@ -281,7 +281,7 @@ def with_variant(net: nn.Module, variant: str, *, sigma: float = 0.1, samples: i
 
 
 def rdml_table(net: nn.Module, data, *, dataset: str = "mnist", n: int = 1000, sigma: float = 0.1,
-               samples: int = 20, restarts: int = 5, batch_size: int = 250, device="cpu",
+               samples: int = 20, restarts: int = 5, batch_size: int = 250, device="auto",
                progress: bool = True) -> list[RobustnessReport]:
     """Tables 6 and 9: the DML ensemble and the same weights with R-DML layers (eq. 4-5), under
     FGSM, PGD-20 and PGD-40 with ``restarts`` random restarts at the dataset's strong radius."""
@@ -296,7 +296,7 @@ def rdml_table(net: nn.Module, data, *, dataset: str = "mnist", n: int = 1000, s
 
 
 def autoattack_table(net: nn.Module, data, *, dataset: str = "mnist", n: int = 200, name: str = "DML ensemble",
-                     batch_size: int = 250, device="cpu", progress: bool = True) -> RobustnessReport:
+                     batch_size: int = 250, device="auto", progress: bool = True) -> RobustnessReport:
     """Tables 7-8: AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square) on the summed logits,
     judged by the vote, at the dataset's three radii, on the first ``n`` examples."""
     specs = [autoattack_spec(eps) for eps in _settings(dataset)["autoattack"]]
@@ -396,7 +396,7 @@ CURVE_ATTACKS = ("FGSM", "BIM-10", "PGD-10", "PGD-long")
 
 
 def distortion_curve(net: nn.Module, data, *, dataset: str = "mnist", eps_grid: Sequence[float] | None = None,
-                     n: int = 500, long: int = 100, batch_size: int = 250, device="cpu", name: str = "model",
+                     n: int = 500, long: int = 100, batch_size: int = 250, device="auto", name: str = "model",
                      progress: bool = True) -> dict:
     """Fig. 18: vote accuracy vs linf radius under FGSM, BIM-10, PGD-10 and PGD-``long``.
 
@@ -422,7 +422,7 @@ def distortion_curve(net: nn.Module, data, *, dataset: str = "mnist", eps_grid: 
 
 
 def surrogate_check(net: nn.Module, data, *, dataset: str = "mnist", eps: float | None = None, steps: int = 40,
-                    n: int = 1000, batch_size: int = 250, device="cpu", name: str = "model",
+                    n: int = 1000, batch_size: int = 250, device="auto", name: str = "model",
                     progress: bool = True) -> RobustnessReport:
     """PGD-``steps`` at ``eps`` (default: Table 2's) through several surrogates, judged by the vote.
 
@@ -443,7 +443,7 @@ def surrogate_check(net: nn.Module, data, *, dataset: str = "mnist", eps: float 
 
 
 def cw_check(net: nn.Module, data, *, dataset: str = "mnist", n: int = 100, steps: int = 200,
-             batch_size: int = 250, device="cpu", name: str = "model", progress: bool = True) -> dict:
+             batch_size: int = 250, device="auto", name: str = "model", progress: bool = True) -> dict:
     """CW-l2 at the paper's single constant c = 1, vs the ladder c in {1, 10, 100}, vs c = 1 on the
     raw logits as torchattacks runs it (all unbounded).
 
@@ -577,7 +577,7 @@ def _pct(v) -> str:
 
 
 def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tables: Iterable[str] = TABLES,
-               n: int = 1000, budget: str | dict = "quick", device="cpu", progress: bool = True,
+               n: int = 1000, budget: str | dict = "quick", device="auto", progress: bool = True,
                log=print) -> dict:
     """Run the DML paper's evaluation on named ensembles (``{"dml": net, "ensemble": net}``).
 
@@ -591,6 +591,9 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
     bad = sorted(set(tables) - set(TABLES))
     if bad:
         raise ValueError(f"tables: unknown {bad}; choose from {TABLES}")
+    from pyens.training.distributed import resolve_device
+
+    device = resolve_device(device)
     b, s = _budget(budget), _settings(dataset)
     x, y = labelled(data, n)
     for net in nets.values():
@@ -801,7 +804,7 @@ def plot_curves(report: dict, path: str | Path) -> Path:
 
 
 def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TABLES, n: int = 1000,
-                   budget: str | dict = "quick", out: str | Path | None = None, device="cpu", progress: bool = True,
+                   budget: str | dict = "quick", out: str | Path | None = None, device="auto", progress: bool = True,
                    merge: bool = False, log=print) -> dict:
     """``pyens dml-report``: evaluate trained runs (DML and baseline ensembles) and write
     ``dml_report.json``, ``dml_report.md`` and, with the curve, ``dml_curve.png`` into ``out``
@@ -820,9 +823,9 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
         raise ValueError(f"run_dirs: the runs must share one dataset; got {sorted(datasets)}")
     cfg = runs[0].config
     for r in runs:
-        if not hasattr(r.net, "member_logits"):
+        if not hasattr(r.model, "member_logits"):
             raise ValueError(f"run_dirs: {r.out} holds a {r.config.method!r} model, not an ensemble")
-    nets = {Path(r.out).name: r.net for r in runs}
+    nets = {Path(r.out).name: r.model for r in runs}
     if len(nets) != len(runs):
         raise ValueError("run_dirs: two runs share a directory name; the report names models by it")
     data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)

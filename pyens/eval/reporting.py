@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pyens.eval.catalogue import CATALOGUE, catalogue, describe, preset_params
+from pyens.eval.catalogue import CATALOGUE, DEFAULT_PRESET, catalogue, describe, preset_params
 from pyens.eval.curves import Curves, robustness_curves
 from pyens.eval.diagnostics import gradient_cosine, read_metrics
 from pyens.eval.report import PARTIAL, RobustnessReport, format_table, markdown_table
@@ -54,7 +54,7 @@ class Settings:
     preset: str = "quick"
     n: int = 1000
     batch_size: int = 250
-    device: str = "cpu"
+    device: str = "auto"  # "auto" (CUDA when visible), "cpu", "cuda", "cuda:N"
     curves_n: int | None = 200
     transfer_n: int | None = None
     only: list | None = None
@@ -123,21 +123,25 @@ def _save_cached(path: Path, key: dict, value) -> None:
 # ---------------------------------------------------------------------------------------------
 # evaluation of one run
 
-def evaluate_run(run_dir: str | Path, *, attacks="quick", n: int = 1000, batch_size: int = 250,
-                 device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+def evaluate_run(run_dir: str | Path, *, attacks=DEFAULT_PRESET, n: int = 1000, batch_size: int = 250,
+                 device: str | torch.device = "auto", progress: bool = True, seed: int = 0,
                  cache: str | Path | None = None, run=None) -> RobustnessReport:
     """Evaluate the trained run in ``run_dir`` on the first ``n`` test images.
 
     Args:
-        attacks: a preset name, a list of :class:`~pyens.eval.AttackSpec`, or a callable
+        attacks: a preset name (default ``"pgd+apgd"``, as :func:`pyens.evaluate`'s and ``pyens
+            eval``'s), a list of :class:`~pyens.eval.AttackSpec`, or a callable
             ``dataset -> list[AttackSpec]`` (the radii depend on the run's dataset).
+        device: ``"auto"`` (CUDA when visible), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         cache: a JSON file: its attacks that still match are reused, and the report is saved
             there after every attack (default: none).
         run: the already loaded :class:`~pyens.training.Run` (default: load it).
     """
     from pyens.data import load
     from pyens.training import load_run
+    from pyens.training.distributed import resolve_device
 
+    device = resolve_device(device)
     run = run or load_run(run_dir, device)
     cfg = run.config
     data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)
@@ -166,7 +170,7 @@ def evaluate_run(run_dir: str | Path, *, attacks="quick", n: int = 1000, batch_s
             cache.parent.mkdir(parents=True, exist_ok=True)
             rep.to_json(cache)
 
-    report = evaluate(run.net, data, attacks=specs, n=n, batch_size=batch_size, device=device,
+    report = evaluate(run.model, data, attacks=specs, n=n, batch_size=batch_size, device=device,
                       name=Path(run_dir).name, dataset=cfg.dataset, progress=progress, seed=seed, resume=resume,
                       on_result=save)
     report.meta.update(meta)
@@ -202,9 +206,13 @@ def _from_saved(run_dir: Path) -> RunResults:
 def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> RunResults:
     """Evaluation, curves, transfer tables, cosine histograms and sanity checks of one run,
     cached under ``out/data/<run>/`` (see the module docstring)."""
+    import dataclasses
+
     from pyens.data import load
     from pyens.training import load_run
+    from pyens.training.distributed import resolve_device
 
+    settings = dataclasses.replace(settings, device=str(resolve_device(settings.device, "settings.device")))
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").exists() and (run_dir / "eval.json").exists():
         return _from_saved(run_dir)
@@ -229,20 +237,20 @@ def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> Run
         value = _load_cached(cache / "curves.json", key)
         t0 = time.perf_counter()
         if value is None:
-            curves = robustness_curves(run.net, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
+            curves = robustness_curves(run.model, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
                                        batch_size=s.batch_size, device=s.device, name=name, seed=s.seed,
                                        progress=s.progress)
             _save_cached(cache / "curves.json", key, curves.to_dict())
             seconds["curves"] = time.perf_counter() - t0
         res.curves = curves if value is None else Curves.from_dict(value)
-    if hasattr(run.net, "member"):
+    if hasattr(run.model, "member"):
         label = ENSEMBLE_LABELS.get(cfg.method, name)
         if s.transfer:
             key = {"checkpoint": fp, "pgd": s.pgd(cfg.dataset), "n": s.transfer_n or s.n}
             value = _load_cached(cache / "transfer.json", key)
             if value is None:
                 t0 = time.perf_counter()
-                reports = transfer_tables(run.net, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
+                reports = transfer_tables(run.model, data, dataset=cfg.dataset, pgd=key["pgd"], n=key["n"],
                                           batch_size=s.batch_size, device=s.device, name=name,
                                           ensemble_label=label, progress=s.progress)
                 value = [r.to_dict() for r in reports]
@@ -442,7 +450,12 @@ def report_runs(run_dirs, out: str | Path, settings: Settings | None = None, *, 
     """Measure every run (cached) and write ``out/report.md`` with its PNGs; returns its path."""
     from pyens.eval import plots
 
+    import dataclasses
+
+    from pyens.training.distributed import resolve_device
+
     settings = settings or Settings()
+    settings = dataclasses.replace(settings, device=str(resolve_device(settings.device, "settings.device")))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [measure_run(d, out, settings) for d in run_dirs]

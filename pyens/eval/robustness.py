@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pyens.eval.catalogue import PRESETS, AttackSpec, catalogue
+from pyens.eval.catalogue import DEFAULT_PRESET, NO_RADII, PRESETS, AttackSpec, preset_attacks
 from pyens.eval.report import AttackResult, RobustnessReport
 
 # Relative and absolute slack on the radius check: float32 rounding of a projected perturbation.
@@ -66,11 +66,13 @@ def predict_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(-1)
 
 
-def resolve_attacks(attacks, dataset: str) -> list[AttackSpec]:
+def resolve_attacks(attacks, dataset: str | None = None, *, radii=None, **kwargs) -> list[AttackSpec]:
+    """A preset name (:func:`pyens.eval.catalogue.preset_attacks`, at ``dataset``'s paper radii or
+    ``radii``; ``kwargs``: its ``steps``, ``restarts``, ...) or a list of :class:`AttackSpec`."""
     if isinstance(attacks, str):
         if attacks not in PRESETS:
             raise ValueError(f"attacks must be one of {PRESETS} or a list of AttackSpec, got {attacks!r}")
-        return catalogue(attacks, dataset)
+        return preset_attacks(attacks, dataset, radii=radii, **kwargs)
     return list(attacks)
 
 
@@ -82,10 +84,10 @@ def _same(a: AttackResult, spec: AttackSpec, n: int) -> bool:
     return a.name == spec.name and as_json(a.params) == as_json(spec.params) and want == have
 
 
-def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper", n: int = 1000,
-             batch_size: int = 250, device: str | torch.device = "cpu", name: str = "model",
-             dataset: str | None = None, progress: bool = True, surrogate: nn.Module | None = None,
-             seed: int = 0, resume: RobustnessReport | None = None,
+def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAULT_PRESET, n: int = 1000,
+             batch_size: int = 250, device: str | torch.device = "auto", name: str = "model",
+             dataset: str | None = None, eps: dict | tuple | None = None, progress: bool = True,
+             surrogate: nn.Module | None = None, seed: int = 0, resume: RobustnessReport | None = None,
              on_result: Callable[[RobustnessReport], None] | None = None) -> RobustnessReport:
     """Evaluate ``model`` on the first ``n`` examples of ``data`` under ``attacks``.
 
@@ -95,11 +97,19 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
             ``surrogate`` (DML ensembles); see :func:`targets`.
         data: a pyens dataset (or any ``(x, y)`` indexable dataset), or a tuple ``(x, y)``.
         attacks: a list of :class:`AttackSpec`, or a preset of :func:`pyens.eval.catalogue`:
-            ``"paper"`` (the whole catalogue at the papers' settings), ``"quick"`` (the same
-            attacks cut to CPU size, every cut labelled) or ``"pgd"``.
+            ``"pgd+apgd"`` (the default, as ``pyens eval``'s: PGD linf / l2 / l1 with 50 steps,
+            and AutoAttack's APGD-CE and APGD-T for linf and l2), ``"pgd"``, ``"quick"`` (the
+            whole catalogue cut to CPU size, every cut labelled) or ``"paper"`` (the whole
+            catalogue at the papers' settings: hours on a CPU).
         n: number of examples (the papers use the first 1000 test images).
         batch_size: examples per attack batch.
-        device: where the model and the attacks run.
+        device: where the model and the attacks run: ``"auto"`` (CUDA when visible), ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        dataset: whose paper radii a preset attacks at (``"mnist"``, ``"cifar10"``,
+            ``"resisc45"``); default: ``data.name`` of a pyens dataset.
+        eps: the radii instead, ``{"linf": 8/255, "l2": 0.5, "l1": 12}`` (pixel units; norms left
+            out take ``dataset``'s). With a preset and data of unknown origin (a tuple
+            ``(x, y)``), one of ``dataset`` and ``eps`` is needed: the radii are never guessed.
         surrogate: the differentiable classifier for gradient attacks (default: see :func:`targets`).
         seed: every attack batch starts from ``torch.manual_seed(seed + batch index)``.
         resume: an earlier report of the same model and examples: its attacks with the same
@@ -113,10 +123,17 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    from pyens.training.distributed import resolve_device
+
     x_all, y_all = labelled(data, n)
-    ds_name = dataset or getattr(data, "name", "mnist")
-    specs = resolve_attacks(attacks, ds_name)
-    device = torch.device(device)
+    ds_name = dataset or getattr(data, "name", None)
+    if isinstance(attacks, str) and ds_name is None and eps is None:
+        raise ValueError(f"evaluate: data of shape {tuple(x_all.shape[1:])} is not a pyens dataset, and "
+                         f"{NO_RADII}")
+    if eps is not None and not isinstance(attacks, str):
+        raise ValueError("evaluate: eps= sets the radii of a preset; a list of AttackSpec carries its own")
+    specs = resolve_attacks(attacks, ds_name, radii=eps)
+    device = resolve_device(device, "device")
     predict, attack_model = targets(model, surrogate)
     predict, attack_model = predict.to(device).eval(), attack_model.to(device).eval()
     count = len(x_all)
@@ -125,11 +142,11 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
     run_ids = {id(s) for s in todo}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pyens._progress import progress as progress_display
 
         batches = lambda m: (m + batch_size - 1) // batch_size  # noqa: E731
         total = batches(count) + sum(batches(min(s.n or count, count)) for s in todo)
-        bar = tqdm(total=total, desc=f"eval {name}", unit="batch", dynamic_ncols=True)
+        bar = progress_display(total, f"eval {name}", unit="batch")  # a bar on a terminal, else lines
 
     def batched(fn, m: int) -> list[torch.Tensor]:
         outs = []
@@ -142,6 +159,10 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = "paper
         return [torch.cat(parts) for parts in zip(*outs)]
 
     meta = {"dataset": ds_name, "n": count, "device": str(device), "torch": torch.__version__, "seed": seed}
+    if eps is not None:
+        from pyens.eval.catalogue import NORMS, resolve_radii
+
+        meta["radii"] = dict(zip(NORMS, resolve_radii(ds_name, eps)))
     report = RobustnessReport(name, torch.zeros(count, dtype=torch.bool), [], meta)
     try:
         (report.clean,) = batched(lambda x, y: [predict_labels(predict, x) == y], count)

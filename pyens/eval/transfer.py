@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pyens.eval.catalogue import NORMS, RADII, preset_params
+from pyens.eval.catalogue import NORMS, preset_params, resolve_radii
 from pyens.eval.report import markdown_table, text_table
 from pyens.eval.robustness import labelled, predict_labels, targets
 
@@ -116,7 +116,7 @@ class TransferReport:
 
 
 def transfer_matrix(model, data, *, norm: str, eps: float, alpha: float, steps: int, k: int = 20,
-                    n: int = 1000, batch_size: int = 250, device: str | torch.device = "cpu",
+                    n: int = 1000, batch_size: int = 250, device: str | torch.device = "auto",
                     name: str = "model", ensemble_label: str = "Ensemble", members: list[nn.Module] | None = None,
                     surrogate: nn.Module | None = None, progress: bool = True) -> TransferReport:
     """PGD in ``norm`` crafted on every sub-model and on the ensemble, judged by all of them.
@@ -130,7 +130,9 @@ def transfer_matrix(model, data, *, norm: str, eps: float, alpha: float, steps: 
 
     subs = members if members is not None else members_of(model)
     predict, attack_model = targets(model, surrogate)
-    device = torch.device(device)
+    from pyens.training.distributed import resolve_device
+
+    device = resolve_device(device)
     subs = [m.to(device).eval() for m in subs]
     predict, attack_model = predict.to(device).eval(), attack_model.to(device).eval()
     labels = [f"Sub-model {i + 1}" for i in range(len(subs))] + [ensemble_label]
@@ -139,10 +141,10 @@ def transfer_matrix(model, data, *, norm: str, eps: float, alpha: float, steps: 
     x_all, y_all = labelled(data, n)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pyens._progress import progress as progress_display
 
-        bar = tqdm(total=len(crafters) * ((len(x_all) + batch_size - 1) // batch_size),
-                   desc=f"transfer {name} {norm}", unit="batch", dynamic_ncols=True)
+        bar = progress_display(len(crafters) * ((len(x_all) + batch_size - 1) // batch_size),
+                               f"transfer {name} {norm}", unit="batch")
     wrong, clean_wrong = [], []
     try:
         for i in range(0, len(x_all), batch_size):
@@ -162,14 +164,17 @@ def transfer_matrix(model, data, *, norm: str, eps: float, alpha: float, steps: 
     return TransferReport(name, norm, eps, labels, labels, torch.cat(wrong, -1), torch.cat(clean_wrong, -1), params)
 
 
-def transfer_tables(model, data, *, dataset: str = "mnist", pgd: str | dict = "quick",
+def transfer_tables(model, data, *, dataset: str | None = None, eps=None, pgd: str | dict = "quick",
                     **kwargs) -> list[TransferReport]:
-    """:func:`transfer_matrix` for linf, l2 and l1 at the paper's radii with the PGD of ``pgd``
-    (a preset name, or its ``{"pgd_linf": {...}, ...}`` parameters)."""
-    pgd = preset_params(pgd, dataset) if isinstance(pgd, str) else pgd
+    """:func:`transfer_matrix` for linf, l2 and l1 at the paper's radii of ``dataset`` (default:
+    ``data.name``) or at ``eps`` (``{norm: radius}``), with the PGD of ``pgd`` (a preset name, or
+    its ``{"pgd_linf": {...}, ...}`` parameters)."""
+    dataset = dataset or getattr(data, "name", None)
+    radii = resolve_radii(dataset, eps)
+    pgd = preset_params(pgd, dataset, radii=eps) if isinstance(pgd, str) else pgd
     return [transfer_matrix(model, data, norm=p, eps=e, alpha=pgd[f"pgd_{p}"]["alpha"], steps=pgd[f"pgd_{p}"]["steps"],
                             k=pgd[f"pgd_{p}"]["k"], **kwargs)
-            for p, e in zip(NORMS, RADII[dataset])]
+            for p, e in zip(NORMS, radii)]
 
 
 def submodel_table(reports: list[TransferReport], *, markdown: bool = False) -> str:

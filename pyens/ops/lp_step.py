@@ -11,9 +11,15 @@ a backend (:mod:`pyens.ops._backend`) and runs that backend's ``lp_rows`` kernel
 backends share this schema, these checks and the finite-input check, and differ only in the
 kernel. Outputs never carry autograd history (the step is not differentiated through).
 
-Member layout (MIMO / MAT): with ``members=M`` (or any of ``norm``/``eps``/``alpha``/``k``
-given as a length-M sequence), inputs are ``[B, M, ...]`` and every (sample, member) row uses
-its member's parameters; all members run in ONE kernel launch.
+Member layout (MIMO / MAT): with ``members=M``, inputs are ``[B, M, ...]`` and every
+(sample, member) row uses its member's parameters (``norm``/``eps``/``alpha``/``k`` as length-M
+sequences, or scalars shared by all members); all members run in ONE kernel launch. Sequence
+parameters require ``members=``: without it a ``[B, C, H, W]`` image batch with three norms
+would silently take its RGB channels for members.
+
+    x = torch.rand(128, 3, 1, 28, 28)                       # [B, M, C, H, W]
+    delta = lp_step(delta, grad, x, norm=("l1", "l2", "linf"), eps=(10, 2.0, 0.3),
+                    alpha=(0.8, 0.1, 0.01), k=20, members=3)
 """
 from __future__ import annotations
 
@@ -122,6 +128,9 @@ def _k(v, name: str) -> int:
 
 def member_params(norm, eps=0.0, alpha=0.0, k=20, members: int | None = None):
     """Expand scalar-or-sequence parameters to M-long lists; M = 0 means no member dimension."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace into functools.lru_cache: parse directly
+        m, norms, epss, alphas, ks = _member_params(norm, eps, alpha, k, members)
+        return m, list(norms), list(epss), list(alphas), list(ks)
     key = tuple(tuple(v) if isinstance(v, list) else v for v in (norm, eps, alpha, k, members))
     try:
         m, norms, epss, alphas, ks = _member_params_cached(*key)
@@ -145,7 +154,13 @@ def _member_params(norm, eps, alpha, k, members):
             raise ValueError(f"members must be a positive int, got {members!r}")
         if lengths and lengths != {members}:
             raise ValueError(f"members={members} but the parameter sequences have length {lengths.pop()}")
-    m = members or (lengths.pop() if lengths else 0)
+    elif lengths:
+        given = [name for name, v in zip(("norm", "eps", "alpha", "k"), (norm, eps, alpha, k)) if _is_seq(v)]
+        m = lengths.pop()
+        raise ValueError(f"{', '.join(given)} given per member (length {m}) need members={m}: the member "
+                         f"layout is [B, {m}, ...] and must be asked for, or a [B, C, H, W] batch's channels "
+                         "would be taken for members")
+    m = members or 0
     width = max(m, 1)
     sfx = (lambda i: f"[{i}]") if m else (lambda i: "")
     norms = [norm_code(v, f"norm{sfx(i)}") for i, v in enumerate(_as_list(norm, width, "norm"))]
@@ -273,12 +288,12 @@ def lp_project(delta: torch.Tensor, x: torch.Tensor, *, norm: Norm | Sequence[No
             sample (per sample and member), flattened.
         x: clean inputs, same shape, dtype and device as ``delta``.
         norm: ``"linf"``, ``"l2"`` or ``"l1"`` (or ``inf``, 2, 1); a length-M sequence gives
-            each member its own.
+            each member its own (with ``members=M``).
         eps: radius in pixel units (``>= 0``), scalar or per member.
         box: ``(lo, hi)`` valid pixel range.
         projection: ``"exact"`` (onto the intersection; Croce & Hein 2021 for l1) or
             ``"sequential"`` (ball, then box clamp: torchattacks' and MSD's convention).
-        members: number of members M on dim 1 (inferred from sequence parameters).
+        members: number of members M on dim 1; required whenever a parameter is a sequence.
 
     Returns:
         The projected perturbation, ``delta``'s shape and dtype, no autograd history.
@@ -303,7 +318,8 @@ def steepest_direction(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor 
     Args:
         grad: ``[B, ...]`` (or ``[B, M, ...]``) loss gradient w.r.t. the input.
         x, delta: clean input and current perturbation (same shape; ``delta`` defaults to 0).
-        norm, k: per-member norm and l1 sparsity (``k >= 1``).
+        norm, k: norm and l1 sparsity (``k >= 1``), scalars or per member (with ``members=M``).
+        members: number of members M on dim 1; required whenever a parameter is a sequence.
     """
     if delta is None and isinstance(x, torch.Tensor):
         delta = torch.zeros_like(x)
@@ -327,6 +343,9 @@ def lp_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, *, norm: N
         norm, eps, alpha, k: scalars, or length-M sequences for the member layout (each
             member its own norm, radius, step size and l1 sparsity, all in one launch).
         box: ``(lo, hi)``; projection: ``"exact"`` or ``"sequential"`` (see lp_project).
+        members: number of members M on dim 1 (``[B, M, ...]``); required whenever a
+            parameter is a sequence, so that an image batch's channels are never taken for
+            members.
 
     Returns:
         The new perturbation, ``delta``'s shape and dtype, no autograd history.

@@ -52,9 +52,11 @@ class TrainConfig:
             ``avg``, ``max``, ``msd``: one per norm).
         norms, eps, alpha: per-member attack of the inner maximisation; empty ``norms`` =
             the method's default (``("l1", "l2", "linf")``, or ``("linf",)`` for ``at`` and
-            ``mat_same``); ``eps``/``alpha``: one value per member, or a table ``{norm: value}``
-            (what config files use, so one file serves every method); missing = the paper's
-            value for the dataset and norm.
+            ``mat_same``); ``eps``/``alpha``: one value per member (in the order of
+            ``norms``), or a table ``{norm: value}`` (what config files use, so one file serves
+            every method; ``--eps linf=0.3,l2=2,l1=10`` on the command line); missing = the
+            paper's value for the dataset and norm. A single value is allowed only when every
+            member has the same norm (one radius for linf, l2 and l1 is never meant).
         steps: K, PGD steps of the inner maximisation; ``k``: l1 sparsity of the step.
         k_range: ``[lo, hi]``: draw the l1 sparsity from ``lo..hi`` at every inner step
             instead of ``k`` (``msd``, ``mat_msd``; the MAT authors' code draws from 5..20);
@@ -203,14 +205,27 @@ def _per_norm(values, norms, paper: dict, name: str) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     if not values:
         return tuple(paper[p] for p in norms)
-    if len(values) == 1:
-        values = values * len(norms)
-    if len(values) != len(norms):
-        raise ValueError(f"{name}: give one value per norm {norms}, got {len(values)}")
     for v in values:
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if len(values) == 1 and len(set(norms)) > 1:
+        # One number for radii of different norms (0.3 as linf, l2 and l1 radius) is never meant.
+        raise ValueError(f"{name}: one value ({values[0]:g}) for members of different norms {norms}; give one "
+                         f"per norm: {per_norm_syntax(name, norms, paper)}")
+    if len(values) == 1:
+        values = values * len(norms)
+    if len(values) != len(norms):
+        raise ValueError(f"{name}: give one value per norm {norms}, got {len(values)}; per norm: "
+                         f"{per_norm_syntax(name, norms, paper)}")
     return values
+
+
+def per_norm_syntax(name: str, norms, paper: dict) -> str:
+    """How to give ``name`` per norm, in the config file's and the CLI's syntax (paper values)."""
+    pairs = [(p, paper[p]) for p in dict.fromkeys(norms)]
+    toml = ", ".join(f"{p} = {v:g}" for p, v in pairs)
+    cli = ",".join(f"{p}={v:g}" for p, v in pairs)
+    return f"{name} = {{ {toml} }} in a config, --{name} {cli} on the command line"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +253,11 @@ def load_config(path_or_name: str | Path, **overrides) -> TrainConfig:
                 f"shipped: {', '.join(config_names())}")
         text = f.read_text()
     data = tomllib.loads(text)
-    return config_from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("eps", "alpha"):  # {norm: value} over the file's table: only the norms given change
+        if isinstance(data.get(key), dict) and isinstance(overrides.get(key), dict):
+            overrides[key] = {**data[key], **overrides[key]}
+    return config_from_dict({**data, **overrides})
 
 
 def config_from_dict(data: dict) -> TrainConfig:

@@ -30,8 +30,11 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_device(name: str, arg: str = "device") -> torch.device:
-    """``"auto"`` (CUDA if visible, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; errors name ``arg``."""
+def resolve_device(name: str | torch.device, arg: str = "device") -> torch.device:
+    """``"auto"`` (CUDA if visible, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+    ``torch.device`` (returned as it is); errors name ``arg``."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

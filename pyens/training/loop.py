@@ -33,6 +33,11 @@ class TrainResult:
         config: the resolved config.
         history: one dict per finished epoch (also in ``out/metrics.jsonl``).
         checkpoint: path of the last checkpoint; out: the run directory.
+        stopped_at: the step at which ``max_steps`` stopped training early (resumable from
+            there with a larger ``max_steps``); None when training ran to its last epoch.
+        total_steps: the optimizer steps of the whole schedule (epochs x batches per epoch).
+
+    The network is ``model`` here and in :func:`~pyens.training.load_run`'s result.
     """
 
     model: nn.Module
@@ -41,6 +46,13 @@ class TrainResult:
     checkpoint: Path | None = None
     out: Path | None = None
     replicas_agree: bool = True
+    stopped_at: int | None = None
+    total_steps: int | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The network, under :class:`~pyens.training.Run`'s old name (an alias of ``model``)."""
+        return self.model
 
     @property
     def classifier(self) -> nn.Module:
@@ -74,7 +86,9 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
                          f"{'member' if cfg.members == 1 else 'members'} with norms {cfg.norms}; got "
                          f"{overrides['members']} (change norms to change the count)")
     d = distributed.setup(cfg.device)
+    existed = bool(cfg.out) and Path(cfg.out).exists()
     out = _run_dir(cfg, resume, d)
+    claimed = d.main and not resume  # this call created out/config.toml
     if resume:
         # With a config given, every field of it must match the run, not only the flags.
         cfg = _resumed_config(out, cfg, set(dataclasses.asdict(cfg)) if config else set(overrides))
@@ -88,7 +102,15 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
                       "checkpoint); starting it from step 0 with its saved config", file=sys.stderr)
             resume = False
     cfg.out = str(out)
-    return _Trainer(cfg, out, resume, progress, d).fit()
+    try:
+        trainer = _Trainer(cfg, out, resume, progress, d)
+    except Exception:
+        # The run could not start (data missing, network not buildable, ...): nothing was
+        # trained, so the directory is not held; a kill here still leaves a resumable claim.
+        if claimed:
+            _release(out, remove_dir=not existed)
+        raise
+    return trainer.fit()
 
 
 def _run_dir(cfg: TrainConfig, resume: bool, d: distributed.Dist) -> Path:
@@ -126,7 +148,9 @@ def _claim(out: Path, cfg: TrainConfig) -> bool:
     """Create ``out/config.toml`` if no run holds ``out``; whether this call did.
 
     The config goes into the claimed file at once, so a run killed before its first
-    checkpoint (while loading data, say) leaves a config that ``resume`` can start from.
+    checkpoint (while loading data, say) leaves a config that ``resume`` can start from. A
+    run that fails to start (an error while loading data or building the network) gives the
+    claim back (:func:`_release`), so the same ``out`` can be used again at once.
     """
     if (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
         return False
@@ -138,6 +162,22 @@ def _claim(out: Path, cfg: TrainConfig) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(dataclasses.replace(cfg, out=str(out)).to_toml())
     return True
+
+
+def _release(out: Path, *, remove_dir: bool) -> None:
+    """Undo :func:`_claim` for a run that failed to start: its config.toml and empty
+    metrics.jsonl go, and the directory too when the claim created it and it is now empty."""
+    if (out / checkpoint.CHECKPOINT).exists():  # never the case before training: be safe anyway
+        return
+    for name in ("config.toml", "metrics.jsonl"):
+        path = out / name
+        if path.exists() and (name == "config.toml" or path.stat().st_size == 0):
+            path.unlink()
+    if remove_dir:
+        try:
+            out.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
@@ -307,7 +347,8 @@ class _Trainer:
         agree = distributed.replicas_agree(self.net, self.dist)
         distributed.barrier(self.dist)
         self.net.eval()
-        result = TrainResult(self.net, cfg, self.history, self.out / checkpoint.CHECKPOINT, self.out, agree)
+        result = TrainResult(self.net, cfg, self.history, self.out / checkpoint.CHECKPOINT, self.out, agree,
+                             self.step if stopped and self.step < self.total_steps else None, self.total_steps)
         distributed.teardown(self.dist)
         return result
 
@@ -376,8 +417,8 @@ class _Trainer:
     def _progress(self):
         if not (self.show_progress and self.dist.main):
             return None
-        from tqdm.auto import tqdm
+        from pyens._progress import progress
 
-        return tqdm(total=self.total_steps if not self.cfg.max_steps else min(self.total_steps, self.cfg.max_steps),
-                    initial=self.step, desc=f"{self.cfg.method} {self.cfg.dataset}", unit="batch",
-                    dynamic_ncols=True, leave=True)
+        # A bar on a terminal; one line every few seconds in a log (CI, `> log`).
+        return progress(self.total_steps if not self.cfg.max_steps else min(self.total_steps, self.cfg.max_steps),
+                        f"{self.cfg.method} {self.cfg.dataset}", unit="batch", initial=self.step)

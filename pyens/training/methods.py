@@ -114,7 +114,11 @@ def register(cls):
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}{hint}")
     return METHODS[name]
 
 

@@ -53,27 +53,40 @@ def classifier(net: nn.Module) -> nn.Module:
 
 @dataclass
 class Run:
+    """What :func:`load_run` returns; ``model`` is the network, as in :class:`~pyens.training.TrainResult`."""
+
     out: Path
     config: TrainConfig
-    net: nn.Module
+    model: nn.Module
     history: list
     epoch: int
 
     @property
+    def net(self) -> nn.Module:
+        """The network: the old name of :attr:`model`, kept as an alias."""
+        return self.model
+
+    @property
     def classifier(self) -> nn.Module:
-        return classifier(self.net)
+        return classifier(self.model)
 
     def members(self) -> list[nn.Module]:
         """Sub-models (MIMO member views / ensemble models); empty for a single model."""
-        if not hasattr(self.net, "member"):
+        if not hasattr(self.model, "member"):
             return []
-        return [self.net.member(i) for i in range(self.net.members)]
+        return [self.model.member(i) for i in range(self.model.members)]
 
 
-def load_run(out: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Rebuild a trained network from a run directory (its ``config.toml`` and checkpoint)."""
+def load_run(out: str | Path, device: str | torch.device = "auto") -> Run:
+    """Rebuild a trained network from a run directory (its ``config.toml`` and checkpoint).
+
+    ``device``: where the network goes, ``"auto"`` (CUDA when visible), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or a ``torch.device``. The network is ``.model`` of the returned :class:`Run`.
+    """
     from pyens.data import load
+    from pyens.training.distributed import resolve_device
 
+    device = resolve_device(device)
     out = Path(out)
     for name in ("config.toml", checkpoint.CHECKPOINT):
         if not (out / name).exists():
