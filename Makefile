@@ -1,4 +1,4 @@
-# Developer shortcuts. `make bench` runs every benchmark and refreshes the README (see bench/__main__.py).
+# Developer shortcuts. `make bench` runs every benchmark and refreshes docs/performance.md (see bench/__main__.py).
 PYTHON ?= python
 DEVICE ?= cpu
 

@@ -4,7 +4,7 @@
    ``bench/results/<device>-<date>-<op>.json``;
 2. the Table 6 cost table (:mod:`bench.cost_table`) -> ``<device>-<date>-cost-table.json``;
 3. the Table 7 training-time table (:mod:`bench.train_time`) -> ``<device>-<date>-train-time.json``;
-4. the README's benchmark block (:mod:`bench.readme`) from the newest result of each device,
+4. the benchmark block of docs/performance.md (:mod:`bench.readme`) from the newest result of each device,
    with the kernel-speedup chart ``bench/results/kernel-speedups-<device>.png``.
 
 Each step runs in its own process; a failing suite is reported and the others still run
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--date", default=datetime.now(timezone.utc).date().isoformat(),
                     help="date in the result names (today, UTC)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go (bench/results)")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--readme", type=Path, default=ROOT / "docs" / "performance.md",
+                    help="the file holding the generated benchmark block (default: %(default)s)")
     ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out, of {','.join(STEPS)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for the tables (1, as the committed CPU results; 0: torch's default)")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         from bench.readme import refresh
 
         changed = refresh(args.readme, args.results)
-        print(f"\n== README: {args.readme} benchmark block {'refreshed' if changed else 'unchanged'}")
+        print(f"\n== {args.readme}: benchmark block {'refreshed' if changed else 'unchanged'}")
     return 0 if ok else 1
 
 

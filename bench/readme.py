@@ -1,7 +1,8 @@
-"""Regenerate the README's benchmark block from ``bench/results/``: ``python -m bench.readme``.
+"""Regenerate the benchmark block of ``docs/performance.md`` from ``bench/results/``: ``python -m bench.readme``.
 
-The block sits in the README's "Performance" section between the markers :data:`START` and
-:data:`END` (added at the end of that section the first time); nothing outside them changes.
+The block sits between the markers :data:`START` and :data:`END` (added at the end of the
+"## Performance" section, or of the file, the first time); nothing outside them changes. It
+lived in the README until the README became a newcomer's page; the module keeps its name.
 It holds, from the newest result files of each device:
 
 - kernel speedups: every ``bench/bench_<op>.py`` pytest-benchmark file, each pyens backend's
@@ -134,10 +135,9 @@ def chart(cases: list[dict], device: str, path: Path) -> Path:
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+    import os
+
+    return os.path.relpath(path.resolve(), root.resolve())  # e.g. ../bench/results/x.json from docs/
 
 
 def kernel_section(results: Path, root: Path, charts: bool = True) -> list[str]:
@@ -176,8 +176,8 @@ def section(results: Path = RESULTS, root: Path = ROOT, charts: bool = True) -> 
            "`bench/bench_*.py`, the cost table (`python -m bench.cost_table`) and the training-time table "
            "(`python -m bench.train_time`), writes `bench/results/<device>-<date>-*.json`, and rewrites this "
            "block from the newest result of each device. `python -m bench.compare A.json B.json` prints the "
-           "ratios between two runs. What the tables mean, the targets and why one is missed: "
-           "[docs/performance.md](docs/performance.md)."), ""]
+           "ratios between two runs. What the tables mean, the targets and why one is missed: the sections "
+           "above."), ""]
     out += kernel_section(results, root, charts)
     costs = latest_tables(results, "cost-table")
     if costs:
@@ -206,7 +206,10 @@ def splice(text: str, block: str) -> str:
     return text[:at].rstrip("\n") + "\n\n" + block + "\n\n" + text[at:]
 
 
-def refresh(readme: Path = ROOT / "README.md", results: Path = RESULTS, charts: bool = True) -> bool:
+DOC = ROOT / "docs" / "performance.md"  # the file that holds the block
+
+
+def refresh(readme: Path = DOC, results: Path = RESULTS, charts: bool = True) -> bool:
     """Rewrite the block in ``readme``; True if the file changed."""
     text = readme.read_text() if readme.exists() else ""
     new = splice(text, section(results, readme.parent, charts))
@@ -217,9 +220,9 @@ def refresh(readme: Path = ROOT / "README.md", results: Path = RESULTS, charts: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--readme", type=Path, default=DOC, help="the file holding the block (default: %(default)s)")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--print", action="store_true", help="print the block instead of writing the README")
+    ap.add_argument("--print", action="store_true", help="print the block instead of writing the file")
     args = ap.parse_args(argv)
     if args.print:
         print(section(args.results, args.readme.parent))
