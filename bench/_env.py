@@ -6,6 +6,7 @@ so a row read alone still says where and from which code it was measured.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -156,3 +157,17 @@ def run_table(args, measure, markdown, **extra) -> list[dict]:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         print(f"(rows written to {args.json})", file=sys.stderr)
     return rows
+
+
+def check_counts(ap, args, names) -> None:
+    """``ap.error`` naming the flag unless every ``args.<name>`` is at least 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def dump_json(path, obj) -> None:
+    """Write a result to ``path`` (no-op when ``path`` is None or empty)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)

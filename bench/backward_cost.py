@@ -18,7 +18,13 @@ batch is made of:
 Every kind runs in each round (the order rotating from round to round), ``--calls`` calls per
 timing, and the medians over rounds are reported with their quartiles. The backward's cost,
 ``b``, is the step's median minus the ``forward+graph`` median, and is reported as a
-multiple of the no-graph forward.
+multiple of that same ``forward+graph`` median: ``b / f`` compares the backward with the
+forward it follows (the one that records the graph), not with the no-graph forward, so both
+terms come from the same kind of pass.
+
+``--render PATH`` prints the table of a saved result, with the ratios recomputed from its
+medians by this definition (files written before 2026-11-23 stored ``backward_over_forward``,
+which divided by the no-graph forward; it is ignored).
 """
 from __future__ import annotations
 
@@ -75,24 +81,29 @@ def measure(*, backbone: str, batch_size: int, device: str, rounds: int, calls: 
             _env.sync(dev)
             times[kind].append((time.perf_counter() - t0) / calls * 1e3)
     rows = {k: dict(zip(("q1_ms", "median_ms", "q3_ms"), _env.quartiles(v), strict=True)) for k, v in times.items()}
-    f = rows["forward"]["median_ms"]
-    graph = rows["forward+graph"]["median_ms"]
-    for kind in ("attack step", "training step"):
-        rows[kind]["backward_over_forward"] = (rows[kind]["median_ms"] - graph) / f
+    for kind, ratio in backward_ratios(rows).items():
+        rows[kind]["backward_over_forward_graph"] = ratio
     return {"backbone": backbone, "batch_size": batch_size, "rounds": rounds, "calls": calls,
             "passes": rows, **_env.environment(dev)}
 
 
+def backward_ratios(passes: dict) -> dict:
+    """``b / f`` of the two backward kinds from the medians: ``(step - forward+graph) / forward+graph``."""
+    f = passes["forward+graph"]["median_ms"]
+    return {kind: (passes[kind]["median_ms"] - f) / f for kind in ("attack step", "training step")}
+
+
 def markdown(result: dict) -> str:
     rows = []
+    ratios = backward_ratios(result["passes"])
     for kind in KINDS:
         r = result["passes"][kind]
-        ratio = r.get("backward_over_forward")
+        ratio = ratios.get(kind)
         rows.append([kind, f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}",
                      "-" if ratio is None else f"{ratio:.2f}"])
     head = (f"{result['backbone']}, B = {result['batch_size']}, {result['device_name']}, "
             f"{result['threads']} thread(s), {result['rounds']} rounds of {result['calls']} calls")
-    return head + "\n\n" + _env.table(["pass", "median (ms)", "quartiles (ms)", "backward / forward"], rows, right=3)
+    return head + "\n\n" + _env.table(["pass", "median (ms)", "quartiles (ms)", "backward / forward+graph"], rows, right=3)
 
 
 def main(argv=None) -> int:
@@ -105,18 +116,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the result to PATH")
+    ap.add_argument("--render", metavar="PATH", help="print the table of a saved result (measures nothing)")
     args = ap.parse_args(argv)
-    for name in ("batch_size", "rounds", "calls"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.render:
+        with open(args.render) as f:
+            print(markdown(json.load(f)))
+        return 0
+    _env.check_counts(ap, args, ("batch_size", "rounds", "calls"))
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(backbone=args.backbone, batch_size=args.batch_size, device=args.device,
                      rounds=args.rounds, calls=args.calls, seed=args.seed)
     print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    _env.dump_json(args.json, result)
     return 0
 
 

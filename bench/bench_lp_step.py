@@ -43,7 +43,7 @@ K = 20
 BYTES_PER_ELEMENT = 16  # float32: read x, delta, grad; write delta
 DTYPE = torch.float32
 
-# The papers' hyperparameters (DESIGN.md, "Reference hyperparameters").
+# The papers' hyperparameters (MAT paper, Appendix C: eps, alpha, k = 20).
 HYPER = {
     "mnist": {"eps": {"linf": 0.3, "l2": 2.0, "l1": 10.0}, "alpha": {"linf": 0.01, "l2": 0.1, "l1": 0.8}},
     "cifar": {"eps": {"linf": 0.03, "l2": 0.5, "l1": 12.0}, "alpha": {"linf": 0.003, "l2": 0.02, "l1": 1.0}},

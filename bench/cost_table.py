@@ -21,7 +21,7 @@ real MNIST batches (the embedded set, ``pyens.data.load("mnist")``):
    busy machine) hits every method alike. Reported: the median time per batch, its
    quartiles, and the ratio to vanilla AT (``at``).
 
-Prints the Markdown table in the layout of Table 6 and the issue's targets (MAT within
+Prints the Markdown table in the layout of Table 6 and the project's targets (MAT within
 1.1x of AT; MSD and ensemble AT at least 2.5x MAT); ``--json`` writes the rows (a list, each
 with device, versions and commit). ``--device cuda`` runs the same on a GPU (synchronised
 timing).
@@ -78,7 +78,7 @@ TABLE_6 = {
     "mat_msd_batch": ("MAT as the authors ran it: M-MIMO MSD, batch rule", "(1 + M)K + 1", "K + 1"),
 }
 
-# The issue's targets: (label, numerator, denominator, "<=" | ">=", bound) on time per batch.
+# The project's targets: (label, numerator, denominator, "<=" | ">=", bound) on time per batch.
 TARGETS = (
     ("MAT time per batch <= 1.1x vanilla AT", "mat", "at", "<=", 1.1),
     ("MSD time per batch >= 2.5x MAT", "msd", "mat", ">=", 2.5),
@@ -275,7 +275,7 @@ def paired_ratios(a: dict, b: dict) -> list[float]:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets on ``rows``.
+    """The project's targets on ``rows``.
 
     Judged on the median of the round-by-round wall-time ratios: the two methods of a pair ran
     seconds apart in every round, so a load that drifts over the run cancels in each ratio

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in stages that each fit one 10-minute device call.
+# The GPU work, in stages that each fit in 10 minutes.
 #
 #   bash bench/gpu_session.sh test    # build the CUDA extension, `pyens info`, the CUDA/Triton tests
 #   bash bench/gpu_session.sh bench   # python -m bench --device cuda (kernel suites, Tables 6 and 7)
@@ -13,7 +13,7 @@
 # bench/results/ and refresh the README with `python -m bench --skip kernels,cost,train`.
 #
 # The device image has its own torch (not 2.13.0) and no network: install with --no-deps,
-# against the torch that is there. Budget: docs/performance.md, "When a GPU is lent".
+# against the torch that is there. Budget: docs/performance.md, "When a GPU is available".
 set -uo pipefail
 stage=${1:-test}
 case "$stage" in test|bench|train) ;; *) echo "usage: bash bench/gpu_session.sh test|bench|train" >&2; exit 2;; esac

@@ -15,7 +15,6 @@ device from what this measures (``docs/training.md``, "Scoring the candidates").
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -63,9 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
-    for flag in ("batch_size", "members", "steps", "rounds"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    _env.check_counts(ap, args, ("batch_size", "members", "steps", "rounds"))
     if args.threads:
         torch.set_num_threads(args.threads)
     res = measure(backbone=args.backbone, batch_size=args.batch_size, members=args.members, steps=args.steps,
@@ -76,9 +73,7 @@ def main(argv=None) -> int:
     for s in SCORES:
         print(f"  {s:9s} median {res[s + '_median_ms']:8.1f} ms")
     print(f"  stacked / per_norm, per round: median {med:.2f} (IQR {q1:.2f}-{q3:.2f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    _env.dump_json(args.json, res)
     return 0
 
 

@@ -167,10 +167,22 @@ def test_backward_cost_times_every_pass_and_derives_b_over_f(tmp_path):
     for kind, row in passes.items():
         assert 0 < row["q1_ms"] <= row["median_ms"] <= row["q3_ms"], kind
     for kind in ("attack step", "training step"):
-        expected = (passes[kind]["median_ms"] - passes["forward+graph"]["median_ms"]) / passes["forward"]["median_ms"]
-        assert passes[kind]["backward_over_forward"] == pytest.approx(expected)
+        graph = passes["forward+graph"]["median_ms"]  # b / f against the forward the backward follows
+        expected = (passes[kind]["median_ms"] - graph) / graph
+        assert passes[kind]["backward_over_forward_graph"] == pytest.approx(expected)
     assert result["commit"] is not None and result["batch_size"] == 4
     assert "| attack step |" in backward_cost.markdown(result)
+
+
+def test_backward_cost_renders_a_saved_result_with_the_ratio_against_the_forward_with_graph(capsys):
+    from bench import backward_cost
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "cpu-2026-11-22-backward-cost.json"
+    assert backward_cost.main(["--render", str(path)]) == 0
+    out = capsys.readouterr().out
+    # (19.08 - 5.01) / 5.01 and (18.12 - 5.01) / 5.01, not the stored ratios over the no-graph forward
+    assert "| attack step | 19.08 | 18.54–19.92 | 2.81 |" in out
+    assert "| training step | 18.12 | 16.87–19.40 | 2.61 |" in out
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--rounds", "--calls"])
@@ -180,3 +192,20 @@ def test_backward_cost_rejects_counts_below_one(flag, capsys):
     with pytest.raises(SystemExit):
         backward_cost.main([flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_committed_benchmark_block_matches_the_committed_results():
+    """docs/performance.md's generated block is what bench.readme makes of bench/results/ now
+    (chart lines aside: drawing them is not a test's job)."""
+    import re
+
+    doc = _env.ROOT / "docs" / "performance.md"
+    text = doc.read_text()
+    block = text[text.index(readme.START):text.index(readme.END) + len(readme.END)]
+
+    def norm(b: str) -> str:
+        lines = [line for line in b.splitlines() if not line.startswith("![kernel speedups")]
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+    assert norm(block) == norm(readme.section(_env.RESULTS, doc.parent, charts=False)), \
+        "stale block: run `python -m bench.readme`"

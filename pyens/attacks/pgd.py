@@ -41,7 +41,7 @@ class PGD:
             ``V_p(grad)`` (sign; unit l2 direction; sparse l1 direction over ``k`` coordinates)
             before the projection.
         steps: PGD iterations K (``>= 1``).
-        k: coordinates moved per l1 step (DESIGN.md ``steepest_direction``; papers: 20).
+        k: coordinates moved per l1 step (docs/ops.md, ``steepest_direction``; papers: 20).
         random_start: start each restart at a random point of ``B_p(eps) ∩ box``: uniform in
             the box-clipped linf cube; for l2 / l1 a point uniform by volume in the ball
             (sphere-uniform direction from normalised Gaussian / Laplace noise, radius

@@ -1,6 +1,6 @@
 """Backend choice shared by every op: which implementation runs for a device and dtype.
 
-Each op has up to four implementations (DESIGN.md): ``cuda`` (csrc/*.cu), ``triton``
+Each op has up to four implementations (docs/ops.md, "Backends"): ``cuda`` (csrc/*.cu), ``triton``
 (kernels/), ``cpu`` (csrc/*.cpp) and ``reference`` (pyens/reference).  Nothing here touches a
 GPU or imports a compiled part at import time: availability is probed on first use and
 cached, and a backend that cannot load only records *why*, which ``backends()`` reports and

@@ -64,7 +64,7 @@ def direction_rows(g, x, d, norm, k, lo, hi):
 
 
 def _l2_exact(y, a, b, eps):
-    """Largest ``t`` in [0, 1] with ``||clamp(t y, a, b)||_2 <= eps``, applied (DESIGN l2 exact)."""
+    """Largest ``t`` in [0, 1] with ``||clamp(t y, a, b)||_2 <= eps``, applied (docs/ops.md, l2 exact)."""
     c = y.clamp(a, b)
     inside = c.square().sum(1, keepdim=True) <= eps.square()
     lo_t = torch.zeros_like(eps)
