@@ -2,7 +2,7 @@
 PYTHON ?= python
 DEVICE ?= cpu
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick sanitize
 
 bench:
 	$(PYTHON) -m bench --device $(DEVICE) $(BENCH_ARGS)
@@ -10,3 +10,9 @@ bench:
 # smoke run of the tables (tiny K and B, one round); leaves the kernel suites out
 bench-quick:
 	$(PYTHON) -m bench --device $(DEVICE) --quick --skip kernels --results /tmp/pyens-bench-quick --readme /tmp/pyens-bench-quick/README.md $(BENCH_ARGS)
+
+# the C++ kernels under AddressSanitizer + UBSan: built in a copy of the tree (this checkout's
+# extension is untouched), then the tests that call them; run it before a change to csrc/ lands
+# (docs/install.md, "Sanitizer build"). SANITIZE_ARGS go to pytest.
+sanitize:
+	PYTHON=$(PYTHON) tools/sanitize.sh $(SANITIZE_ARGS)

@@ -7,6 +7,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0" (the default): the architectures compiled for.
   MAX_JOBS               parallel compile jobs (default: the CPU count).
   PYENS_CMAKE_ARGS       extra arguments passed to CMake's configure step.
+  PYENS_SANITIZE         e.g. "address,undefined": compile and link the C++ sources with those
+                         sanitizers (-fsanitize=..., -O1 -g, frame pointers; CUDA sources are not
+                         instrumented). For `make sanitize` (tools/sanitize.sh), not for installs.
 
 torch must be installed first and the build run with ``--no-build-isolation``: the extension
 is compiled against, and is only ABI-compatible with, the torch it finds here.
@@ -74,6 +77,18 @@ def cuda_architectures() -> str:
     return ";".join(out)
 
 
+SANITIZERS = ("address", "undefined")
+
+
+def sanitizers() -> str:
+    """PYENS_SANITIZE checked: "" (none) or a comma list of SANITIZERS."""
+    names = [n.strip() for n in os.environ.get("PYENS_SANITIZE", "").split(",") if n.strip()]
+    bad = [n for n in names if n not in SANITIZERS]
+    if bad:
+        raise SystemExit(f"PYENS_SANITIZE: unknown sanitizer(s) {', '.join(bad)}; choose from {', '.join(SANITIZERS)}")
+    return ",".join(names)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -86,6 +101,9 @@ class CMakeBuild(build_ext):
             raise SystemExit("pyens needs CMake >= 3.18 to build: `pip install cmake` or `apt-get install cmake`")
         with_cuda, note = cuda_decision()
         _log(note)
+        sanitize = sanitizers()
+        if sanitize:
+            _log(f"C++ sources built with -fsanitize={sanitize} -O1 -g (PYENS_SANITIZE; not for installs)")
         extdir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_temp = Path(self.build_temp).resolve() / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
@@ -96,6 +114,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DPYENS_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DPYENS_CUDA_NOTE={note}",
+            f"-DPYENS_SANITIZE={sanitize}",  # always passed, so unsetting it clears a cached build's value
         ]
         if with_cuda:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures()}")

@@ -494,7 +494,9 @@ PYENS_INLINE int lp_row(const LpParams& p, int64_t row, const T* d, const T* g, 
   const double eps = p.eps[m], alpha = p.alpha[m];
   const T lo = T(p.lo), hi = T(p.hi);
   const bool reads_grad = p.mode != kProject;
-  const uint32_t seed = 0x9E3779B9u ^ static_cast<uint32_t>(row * 2654435761u);
+  // In uint32_t: row * 2654435761u is an int64_t product, which overflows (undefined) past
+  // 3.4e9 rows; the low 32 bits, all the seed keeps, are the same.
+  const uint32_t seed = 0x9E3779B9u ^ (static_cast<uint32_t>(row) * 2654435761u);
 
   if (norm == kLinf) return linf_row(p.mode, d, g, x, out, n, T(eps), T(alpha), lo, hi);
 
