@@ -7,6 +7,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis profiles: "ci" (the default) keeps hypothesis' 100 examples and drops the deadline
+# (CPU timing on shared CI machines is noisy); tests/test_fuzz.py sizes its budgets from the
+# loaded profile's max_examples, so HYPOTHESIS_PROFILE=fuzz-long runs ten times as many fuzz
+# examples (a longer run by hand; tests with their own max_examples keep it).
+settings.register_profile("ci", max_examples=100, deadline=None)
+settings.register_profile("fuzz-long", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

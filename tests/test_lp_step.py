@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import pyens
 from pyens.ops import lp_project, lp_step, steepest_direction, use_backend
+from pyens.ops._backend import forget_choices
 from pyens.reference.lp_step import lp_rows as reference_rows
 from tests.conftest import TOLERANCES, assert_close, backend_params
 
@@ -255,6 +256,7 @@ def test_outputs_carry_no_autograd_history():
 
 def test_half_precision_on_cpu_falls_back_to_reference():
     d, g, x = make_rows(4, 50, torch.float16, 2, scale=0.05)
+    forget_choices()  # the fallback warns once per process; an earlier test may have seen it
     with pytest.warns(RuntimeWarning, match="reference backend"):
         out = lp_step(d, g, x, norm="l2", eps=0.5, alpha=0.1)
     assert out.dtype == torch.float16

@@ -41,7 +41,10 @@ def check_real(value, name: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
@@ -70,7 +73,7 @@ def check_choice(value, choices: Sequence[str], name: str) -> str:
 def check_box(box) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in box)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"box must be a pair (lo, hi) of numbers, got {box!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
         raise ValueError(f"box must be finite with lo <= hi, got {box!r}")
@@ -124,6 +127,8 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, box, *, members: bool = False
         raise ValueError(f"y must be {want} = {tuple(x.shape[:lead])} to match x, got shape {tuple(y.shape)}")
     if y.device != x.device:
         raise ValueError(f"y must be on x's device {x.device}, got {y.device}")
+    if x.device.type == "meta":
+        raise ValueError("x must hold data: an attack cannot run on meta tensors")
     if torch.is_inference_mode_enabled() or x.is_inference():
         # set_grad_enabled cannot leave inference mode, so the attack's gradient would fail
         # deep inside autograd; torch.no_grad() is fine.
@@ -175,6 +180,8 @@ def grad_of(loss: torch.Tensor, d: torch.Tensor, weights: torch.Tensor | None = 
     """``∇_d Σ weights * loss`` (weights default to ones): ONE backward pass, zeros where the
     loss does not depend on ``d``. The weighting is the backward's ``grad_outputs``, so no
     graph op is added (and grad mode need not be on)."""
+    if not loss.requires_grad:  # no graph at all (a model constant in x, with frozen parameters)
+        return torch.zeros_like(d)
     (g,) = torch.autograd.grad(loss, d, torch.ones_like(loss) if weights is None else weights,
                                retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
     return g
@@ -268,6 +275,8 @@ def random_start(x: torch.Tensor, norms: Sequence[str], eps: Sequence[float], bo
     n = x.shape[2:].numel() if members else x.shape[1:].numel()
     delta = torch.empty(b, m, n, dtype=x.dtype, device=x.device)
     for j in range(m):
-        delta[:, j] = _unit_ball_sample(norms[j], b, n, x) * eps[j]
+        # A radius beyond x's dtype would make the draw infinite; the projection below
+        # clips it to the box either way.
+        delta[:, j] = _unit_ball_sample(norms[j], b, n, x) * min(eps[j], torch.finfo(x.dtype).max / 2)
     per_unit = {"norm": list(norms), "eps": list(eps)} if members else {"norm": norms[0], "eps": eps[0]}
     return lp_project(delta.view(x.shape), x, box=box, projection=projection, members=members, **per_unit)

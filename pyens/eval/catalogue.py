@@ -113,7 +113,10 @@ def resolve_radii(dataset: str | None = None, radii=None) -> tuple[float, float,
             raise ValueError(f"eps: give {{norm: radius}} or one radius per norm {NORMS}, got {radii!r}")
     out = []
     for p, v in zip(NORMS, values):
-        v = float(v)
+        try:
+            v = float(v)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"eps: the {p} radius must be a finite number > 0, got {v!r}") from None
         if not (v > 0 and v != float("inf")):
             raise ValueError(f"eps: the {p} radius must be finite and > 0, got {v}")
         out.append(v)

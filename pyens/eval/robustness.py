@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from collections.abc import Callable
 
@@ -59,6 +60,26 @@ def labelled(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return images[:n], data.labels[:n]
     items = [data[i] for i in range(n)]
     return torch.stack([a for a, _ in items]), torch.tensor([int(b) for _, b in items])
+
+
+def _check_data(x, y) -> None:
+    """The examples ``evaluate`` takes: float images ``[n, ...]`` (pixels in [0, 1]) on a real
+    device and ``n >= 1`` integer labels ``[n]``; errors name ``data``."""
+    from pyens.nn._checks import integer_labels
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"evaluate: data's images must be a floating-point tensor of pixels in [0, 1] "
+                        f"(divide integer images by 255), got {getattr(x, 'dtype', type(x).__name__)}")
+    integer_labels("evaluate: data's labels", y)
+    if x.dim() < 2 or len(x) == 0 or tuple(y.shape) != (len(x),):
+        raise ValueError(f"evaluate: data must hold n >= 1 images [n, ...] and labels [n], got shapes "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device.type == "meta" or y.device.type == "meta":
+        raise ValueError("evaluate: data must hold values, got meta tensors")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("evaluate: data's images must be finite, got NaN or infinity")
+    if bool((y < 0).any()):
+        raise ValueError(f"evaluate: data's labels must be class indices >= 0, got {y.min().item()}")
 
 
 def predict_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +142,17 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
         An attack succeeds on an example only if the model misclassifies its output AND the
         output lies within the spec's radius (minimum-norm attacks are judged this way).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    for arg, v in (("n", n), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"evaluate: {arg} must be an int, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"evaluate: {arg} must be >= 1, got {v}")
     from pyens.training.distributed import resolve_device
 
+    if isinstance(data, tuple) and len(data) != 2:
+        raise ValueError(f"evaluate: data as a tuple must be (x, y), got a tuple of {len(data)}")
     x_all, y_all = labelled(data, n)
+    _check_data(x_all, y_all)
     ds_name = dataset or getattr(data, "name", None)
     if isinstance(attacks, str) and ds_name is None and eps is None:
         raise ValueError(f"evaluate: data of shape {tuple(x_all.shape[1:])} is not a pyens dataset, and "

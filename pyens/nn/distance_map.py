@@ -244,6 +244,13 @@ class DistanceMap(nn.Module):
 
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be [B, in_features={self.in_features}]; got shape {tuple(x.shape)}")
+        # Checked here, not only by the op: AUG-DML draws noise of x's dtype and device first
+        # (an integer x made torch.randn raise a RuntimeError).
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"x must have the layer's dtype {self.weight.dtype} (convert the layer, e.g. "
+                            f".double(), for another); got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x must be on the layer's device {self.weight.device}; got {x.device}")
         p, cen = self.factor().unsqueeze(0), self.centers.unsqueeze(0)
         if self.variant == "rdml":
             return randomized_mahalanobis(x, p, cen, sigma=self.sigma, samples=self.samples, seed=self.seed,
@@ -253,7 +260,7 @@ class DistanceMap(nn.Module):
             noise = torch.randn((self.samples, *x.shape), generator=g, device=x.device, dtype=x.dtype)
             xs = (x.unsqueeze(0) + self.sigma * noise).flatten(0, 1)
             d = mahalanobis(xs, p, cen, form=self.form, eps=self.eps)[:, 0]
-            return d.view(self.samples, x.shape[0], -1).mean(0)
+            return d.view(self.samples, x.shape[0], d.shape[-1]).mean(0)  # not -1: B may be 0
         return mahalanobis(x, p, cen, form=self.form, eps=self.eps)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class MIMO(MemberEnsemble):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, M, C, H, W]`` (pixel space) ``-> [B, M, K]`` logits, head m for slot m."""
         self._check_slots(x)
+        self._check_values(x)
         b = x.shape[0]
         # Slot-major channel order: slot m occupies input channels m*C .. (m+1)*C - 1.
         z = self.backbone(self.normalize(x).flatten(1, 2))
@@ -56,6 +57,17 @@ class MIMO(MemberEnsemble):
             raise ValueError(f"the backbone returned {tuple(z.shape)}, expected [B, M*K] = "
                              f"[{b}, {self.members * self.num_classes}]")
         return z.view(b, self.members, self.num_classes)
+
+    def _check_values(self, x: torch.Tensor) -> None:
+        """Float pixels on the model's device, in its dtype or a lower precision: an integer image
+        (0..255) would be read as pixel values far outside [0, 1]."""
+        ref = self.normalize.mean
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {x.dtype}")
+        if torch.promote_types(x.dtype, ref.dtype) != ref.dtype:
+            raise TypeError(f"x must have the model's dtype {ref.dtype} (or a lower precision), got {x.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"x must be on the model's device {ref.device}, got {x.device}")
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, H, W]`` repeated in every slot ``-> [B, M, K]``: one forward for all members."""

@@ -24,8 +24,11 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        try:
+            mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+            std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"mean and std must be sequences of numbers; got {mean!r} and {std!r}") from None
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
             raise ValueError(f"mean and std must be non-empty and of one length; got {len(mean_t)} and {len(std_t)}")
         if not bool(torch.isfinite(mean_t).all()):

@@ -217,6 +217,17 @@ def register_op(op: Op) -> Op:
     return op
 
 
+def forget_choices() -> None:
+    """Forget every op's cached backend choice and the fallbacks already warned about.
+
+    For tests and long-lived processes whose environment changed: the next call of each op
+    chooses again, and warns again if it falls back.
+    """
+    for op in OPS.values():
+        op._chosen.clear()
+        op._fell_back.clear()
+
+
 def current_forced() -> str | None:
     """The forced backend (context manager first, then PYENS_BACKEND), or None for auto."""
     name = _forced.get()

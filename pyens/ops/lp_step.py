@@ -23,7 +23,6 @@ would silently take its RGB channels for members.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Sequence, Union
@@ -62,6 +61,11 @@ def _triton_max_n() -> int:
 
 
 _CPU_DTYPES = frozenset({torch.float32, torch.float64})
+# The largest alpha per computation dtype: the l2 kernels square delta + alpha * v, and past
+# sqrt(max) that square is infinite (the step then came back as NaN, or as 0 instead of the
+# projection; in float32 an alpha past max itself also hung the l1 root search).
+_ALPHA_MAX = {torch.float32: math.sqrt(torch.finfo(torch.float32).max),
+              torch.float64: math.sqrt(torch.finfo(torch.float64).max)}
 OP = register_op(Op("lp_step", {
     # One compiled schema: the dispatcher routes CUDA tensors to the .cu kernel.
     "cuda": Kernel("cuda", _load_cpu),
@@ -110,7 +114,10 @@ def _real(v, name: str, *, allow_inf: bool) -> float:
         v = v.item()
     if not isinstance(v, numbers.Real) or isinstance(v, bool):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an int beyond the float range: an infinite radius or step
+        v = math.inf if v > 0 else -math.inf
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0:
@@ -123,26 +130,49 @@ def _k(v, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
-    return int(v)
+    # k beyond int64 (the kernels' int[] schema) means the same as any k longer than the row.
+    return min(int(v), 2**63 - 1)
 
 
 def member_params(norm, eps=0.0, alpha=0.0, k=20, members: int | None = None):
     """Expand scalar-or-sequence parameters to M-long lists; M = 0 means no member dimension."""
-    if torch.compiler.is_compiling():  # Dynamo cannot trace into functools.lru_cache: parse directly
+    if torch.compiler.is_compiling():  # Dynamo need not trace the cache: parse directly
         m, norms, epss, alphas, ks = _member_params(norm, eps, alpha, k, members)
         return m, list(norms), list(epss), list(alphas), list(ks)
-    key = tuple(tuple(v) if isinstance(v, list) else v for v in (norm, eps, alpha, k, members))
-    try:
-        m, norms, epss, alphas, ks = _member_params_cached(*key)
-    except TypeError:  # unhashable (e.g. a tensor of eps values): parse without the cache
-        m, norms, epss, alphas, ks = _member_params(norm, eps, alpha, k, members)
+    # A PGD loop passes the same parameters every step: parse them once.
+    key = _cache_key((norm, eps, alpha, k, members))
+    hit = _PARSED.get(key) if key is not None else None
+    if hit is None:
+        hit = tuple(tuple(v) if isinstance(v, list) else v for v in _member_params(norm, eps, alpha, k, members))
+        if key is not None:
+            if len(_PARSED) >= 256:
+                _PARSED.clear()
+            _PARSED[key] = hit
+    m, norms, epss, alphas, ks = hit
     return m, list(norms), list(epss), list(alphas), list(ks)
 
 
-@functools.lru_cache(maxsize=256)
-def _member_params_cached(norm, eps, alpha, k, members):
-    # A PGD loop passes the same parameters every step: parse them once.
-    return tuple(tuple(v) if isinstance(v, list) else v for v in _member_params(norm, eps, alpha, k, members))
+_PARSED: dict = {}
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _cache_key(args) -> tuple | None:
+    """The parse cache's key, with the types in it (1, 1.0 and True are equal, but only 1 is a
+    valid k); None for anything but plain scalars and lists/tuples of them (a tensor hashes by
+    identity: changed in place, it would be served its old parse)."""
+    key = []
+    for v in args:
+        t = type(v)
+        if t in _PLAIN:
+            key += (v, t)
+        elif t is list or t is tuple:
+            types = tuple(map(type, v))
+            if not _PLAIN.issuperset(types):
+                return None
+            key += (tuple(v), types)
+        else:
+            return None
+    return tuple(key)
 
 
 def _member_params(norm, eps, alpha, k, members):
@@ -175,7 +205,10 @@ def _box(box) -> tuple[float, float]:
         lo, hi = box
     except (TypeError, ValueError):
         raise ValueError(f"box must be a pair (lo, hi), got {box!r}") from None
-    lo, hi = float(lo), float(hi)
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"box must be a pair (lo, hi) of finite numbers, got {box!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"box must be finite with lo <= hi, got ({lo}, {hi})")
     return lo, hi
@@ -217,7 +250,7 @@ def _run(fn: str, mode: int, delta, grad, x, members, norms, eps, alpha, k, lo, 
     shape = x.shape
     rows = shape[0] * (shape[1] if members else 1)
     out_dtype = grad.dtype if mode == DIRECTION else delta.dtype
-    if x.numel() == 0:
+    if x.numel() == 0 or x.device.type == "meta":  # meta tensors: the shape and dtype only, as the fake kernel
         return torch.empty(shape, dtype=out_dtype, device=x.device)
     n = x.numel() // rows
     d2, g2, x2 = (t.reshape(rows, n).contiguous() for t in (delta, grad, x))
@@ -245,6 +278,12 @@ def _steepest_direction_impl(grad: torch.Tensor, x: torch.Tensor, delta: torch.T
 def _lp_step_impl(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, members: int, norms: list[int],
                   eps: list[float], alpha: list[float], k: list[int], lo: float, hi: float,
                   exact: bool) -> torch.Tensor:
+    # Here rather than in lp_step() so that a direct torch.ops.pyens.lp_step call is checked too.
+    acc = torch.float64 if delta.dtype == torch.float64 else torch.float32  # docs/ops.md, "Dtypes"
+    if alpha and max(alpha) > _ALPHA_MAX[acc]:
+        i = max(range(len(alpha)), key=alpha.__getitem__)
+        raise ValueError(f"lp_step: alpha{f'[{i}]' if members else ''} must be at most {_ALPHA_MAX[acc]:.4g} for "
+                         f"{delta.dtype} inputs (computed in {str(acc).replace('torch.', '')}), got {alpha[i]}")
     return _run("lp_step", STEP, delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact)
 
 

@@ -34,6 +34,8 @@ def resolve_device(name: str | torch.device, arg: str = "device") -> torch.devic
     """``"auto"`` (CUDA if visible, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
     ``torch.device`` (returned as it is); errors name ``arg``."""
     if isinstance(name, torch.device):
+        if name.type == "meta":
+            raise ValueError(f"{arg}: the meta device holds no data, got {name}")
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +43,8 @@ def resolve_device(name: str | torch.device, arg: str = "device") -> torch.devic
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"{arg} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
+    if device.type == "meta":
+        raise ValueError(f"{arg}: the meta device holds no data, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{arg}: {name!r} was asked for but no CUDA device is visible")
     return device
