@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pyens._files import atomic_write_text
 from pyens.eval.catalogue import CATALOGUE, DEFAULT_PRESET, catalogue, describe, preset_params
 from pyens.eval.curves import Curves, robustness_curves
 from pyens.eval.diagnostics import gradient_cosine, read_metrics
@@ -115,9 +116,7 @@ def _load_cached(path: Path, key: dict):
 
 def _save_cached(path: Path, key: dict, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
-    tmp.replace(path)
+    atomic_write_text(json.dumps({"key": key, "value": value}), path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pyens._files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 BACKUP_SUFFIX = ".orig"  # convert() keeps the file it converted as checkpoint.pt.orig (.orig-2, ...)
@@ -75,47 +76,14 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 # -- atomic writes -------------------------------------------------------------------------------
-def _atomic_write(path: str | Path, write, *, test_delay: bool = False) -> None:
-    """Call ``write(binary_file)`` so that a crash leaves either the old ``path`` or the new one.
-
-    The bytes go to a temporary file in the same directory, are flushed to disk, and the file
-    is renamed over ``path`` (``os.replace`` is atomic within one filesystem). A unique
-    temporary name keeps two writers of one path from sharing it. A kill -9 leaves at most a
-    stray ``.<name>.*.tmp`` beside ``path``, never a partial ``path``.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; these are ordinary files
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if test_delay and os.environ.get(SLOW_WRITE_ENV):
-                time.sleep(float(os.environ[SLOW_WRITE_ENV]))  # test hook only: see SLOW_WRITE_ENV
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _slow_write_hook() -> None:
+    if os.environ.get(SLOW_WRITE_ENV):
+        time.sleep(float(os.environ[SLOW_WRITE_ENV]))  # test hook only: see SLOW_WRITE_ENV
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save(obj, path)``, atomically (:func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: torch.save(obj, f), test_delay=True)
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """``path.write_text(text)``, atomically (:func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def remove_stray_temporaries(path: str | Path) -> None:
-    """Delete the ``.<name>.*.tmp`` files that writes of ``path`` killed mid-way left behind."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """``torch.save(obj, path)``, atomically (:func:`pyens._files.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), before_rename=_slow_write_hook)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -249,6 +217,6 @@ def convert(run_dir_or_file: str | Path, trust: bool) -> Path | None:
                          "safe form; it was not converted") from None
     backup = _backup_path(path)
     with open(path, "rb") as src:
-        _atomic_write(backup, lambda f: shutil.copyfileobj(src, f))
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+        atomic_write(backup, lambda f: shutil.copyfileobj(src, f))
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
     return backup

@@ -16,7 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from pyens.training.methods import Method, StepOutput, _attack_mode, _member_output, register
+from pyens.training.method_base import Method, StepOutput, attack_mode, member_output, register
 
 VARIANTS = ("dml", "rdml", "aug")
 
@@ -122,7 +122,7 @@ class PlainEnsemble(_MemberMethod):
 
     def loss(self, ctx, x, y):
         xm, ym = _same_input(x, y, ctx.cfg.members)
-        return _member_output(ctx.train_net(xm), ym, "sum")
+        return member_output(ctx.train_net(xm), ym, "sum")
 
 
 @register
@@ -138,7 +138,7 @@ class DML(_MemberMethod):
     def loss(self, ctx, x, y):
         s = DMLSettings.from_config(ctx.cfg)
         xm, ym = _same_input(x, y, ctx.cfg.members)
-        out = _member_output(ctx.train_net(self.inputs(ctx, xm, ym)), ym, "sum")
+        out = member_output(ctx.train_net(self.inputs(ctx, xm, ym)), ym, "sum")
         return StepOutput(out.loss + ctx.net.penalty(s.gamma, s.beta), out.correct, out.seen)
 
 
@@ -154,7 +154,7 @@ class DMLAT(DML):
         from pyens.attacks import mimo_pgd
 
         eps = ctx.eps[0]  # the radius after the optional eps warm-up
-        with _attack_mode(ctx.net):
+        with attack_mode(ctx.net):
             # Members share no parameters: slot m of the summed-loss gradient is member m's own.
             return mimo_pgd(ctx.net, xm.contiguous(), ym.contiguous(), norms="linf", eps=eps, alpha=eps, steps=1,
                             random_start=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pyens._files import atomic_write_text, remove_stray_temporaries
 from pyens.training import checkpoint, distributed
 from pyens.training.config import TrainConfig, config_from_dict, load_config
 from pyens.training.methods import StepContext, get_method
@@ -93,7 +94,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
         # With a config given, every field of it must match the run, not only the flags.
         cfg = _resumed_config(out, cfg, set(dataclasses.asdict(cfg)) if config else set(overrides))
         if d.main:  # left by checkpoint writes that a kill interrupted (the checkpoint itself is whole)
-            checkpoint.remove_stray_temporaries(out / checkpoint.CHECKPOINT)
+            remove_stray_temporaries(out / checkpoint.CHECKPOINT)
         if not (out / checkpoint.CHECKPOINT).exists():
             # Stopped (killed) before its first checkpoint: nothing was trained, and starting
             # at step 0 is bit-identical to the run that was stopped. Said, never silent.
@@ -242,7 +243,7 @@ class _Trainer:
         elif self.dist.main:
             (out / "metrics.jsonl").write_text("")
         if self.dist.main:  # on resume: the resumable settings (max_steps, device, ...) as now used
-            checkpoint.atomic_write_text(cfg.to_toml(), out / "config.toml")
+            atomic_write_text(cfg.to_toml(), out / "config.toml")
         distributed.barrier(self.dist)
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -276,7 +277,7 @@ class _Trainer:
         self.meter.load(state["meter"])
         checkpoint.set_rng_state(state["rng"], self.generator)
         if self.dist.main:  # records after the checkpoint belong to a run that crashed
-            checkpoint.atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history),
+            atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history),
                                          self.out / "metrics.jsonl")
 
     # -- the loop ------------------------------------------------------------------------------
