@@ -2,7 +2,7 @@
 PYTHON ?= python
 DEVICE ?= cpu
 
-.PHONY: bench bench-quick sanitize
+.PHONY: bench bench-quick sanitize mutation
 
 bench:
 	$(PYTHON) -m bench --device $(DEVICE) $(BENCH_ARGS)
@@ -16,3 +16,8 @@ bench-quick:
 # (docs/install.md, "Sanitizer build"). SANITIZE_ARGS go to pytest.
 sanitize:
 	PYTHON=$(PYTHON) tools/sanitize.sh $(SANITIZE_ARGS)
+
+# mutation testing (mutmut 3, in a scratch copy; docs/testing.md): AREA=attacks|training|eval|all
+AREA ?= all
+mutation:
+	tools/mutation.sh $(AREA)

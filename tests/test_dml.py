@@ -130,9 +130,10 @@ def test_vote_meta_and_averages_on_constructed_votes():
     own[0, 0] = own[1, 0] = True  # members 0 and 1 ignore their votes for class 0
     assert votes(z, own)[0].tolist() == [0, 1, 0, 0]
     assert consensus(z, "meta", own=own).argmax(1)[0].item() == 1
-    assert torch.equal(consensus(z, "sum"), z.sum(1))
-    assert torch.equal(consensus(z, "mean"), z.mean(1))
-    assert torch.equal(consensus(z, "median"), z.median(1).values)
+    # one-hot top-1 logits: the sum is the vote count, the median of 3 the class at least 2 members chose
+    assert consensus(z, "sum").tolist() == [[2, 1, 0, 0], [0, 1, 1, 1], [0, 3, 0, 0]]
+    torch.testing.assert_close(consensus(z, "mean"), torch.tensor([[2, 1, 0, 0], [0, 1, 1, 1], [0, 3, 0, 0]]) / 3)
+    assert consensus(z, "median").tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
     assert torch.allclose(consensus(z, "prob").exp().sum(1), torch.ones(3))
     assert torch.allclose(consensus(10 * z, "soft_vote", tau=0.01), votes(z))  # the relaxation's limit
     with pytest.raises(ValueError, match="rule 'meta' needs own"):

@@ -59,7 +59,9 @@ def check_count(value, name: str) -> int:
 
 def check_flag(value, name: str) -> bool:
     """A bool (a string such as ``"no"`` would otherwise read as True)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy.bool_ too
+    # numpy's bool scalar too: its type is named "bool_" before numpy 2 and "bool" since.
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

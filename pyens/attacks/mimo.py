@@ -204,8 +204,9 @@ def cross_gradient_ratio(model: Model, x_adv: torch.Tensor, y: torch.Tensor, *,
     cross = torch.zeros_like(x)
     for j, gj in _member_grads(model, x, torch.zeros_like(x), y):
         true[:, j] = gj[:, j]
-        gj[:, j] = 0
-        cross += gj
+        # gj is not written to: autograd may return an expanded (stride-0) gradient
+        cross[:, :j] += gj[:, :j]
+        cross[:, j + 1:] += gj[:, j + 1:]
     den = true.flatten(2).norm(dim=2)
     ratio = cross.flatten(2).norm(dim=2) / den
     return torch.where(den > 0, ratio, torch.nan).nanmean(dim=0)
