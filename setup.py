@@ -4,7 +4,7 @@ Environment:
   PYENS_CUDA=0|1         force the CUDA kernels off / on (default: on when nvcc is found and
                          torch is a CUDA build; decided from the toolchain, never from whether
                          a GPU is visible, so GPU-less build machines still build CUDA).
-  TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0" (the default): the architectures compiled for.
+  TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0+PTX" (the default): the architectures compiled for.
   MAX_JOBS               parallel compile jobs (default: the CPU count).
   PYENS_CMAKE_ARGS       extra arguments passed to CMake's configure step.
   PYENS_SANITIZE         e.g. "address,undefined": compile and link the C++ sources with those
@@ -65,9 +65,52 @@ def cuda_decision() -> tuple[bool, str]:
     return True, f"CUDA built with {nvcc} for torch CUDA {torch.version.cuda}"
 
 
+def cuda_toolkit_root(nvcc: str) -> str:
+    """The CUDA toolkit directory that ``nvcc`` belongs to ($CUDA_HOME / $CUDA_PATH first).
+
+    torch's CMake config finds the toolkit (headers, libcudart) from nvcc's directory's parent,
+    which is wrong for a wrapper script such as /usr/local/bin/nvcc (it then looks in
+    /usr/local and fails with "Your installed Caffe2 version uses CUDA but I cannot find the
+    CUDA libraries"). nvcc itself knows its root: a ``--dryrun`` compile prints ``TOP=<root>``.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.environ[var]
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
+        top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    except (OSError, subprocess.SubprocessError):
+        top = None
+    if top:
+        return os.path.realpath(top.group(1).strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def nvrtc_library(root: str) -> str | None:
+    """libnvrtc for torch's CMake targets (they name it; pyens's kernels do not use it).
+
+    A toolkit installed without NVRTC leaves ``CUDA_nvrtc_LIBRARY`` NOTFOUND and the configure
+    fails; the CUDA wheels torch depends on ship it (``site-packages/nvidia/*/lib``).
+    """
+    import glob
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    for pattern in (f"{root}/lib64/libnvrtc.so*", f"{root}/lib/libnvrtc.so*", f"{root}/targets/*/lib/libnvrtc.so*",
+                    f"{site}/nvidia/*/lib/libnvrtc.so*", f"{site}/nvidia/cuda_nvrtc/lib/libnvrtc.so*"):
+        found = sorted(p for p in glob.glob(pattern) if "builtins" not in p and ".alt." not in p)
+        if found:
+            return found[0]
+    return None
+
+
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100/H200 as machine code; 9.0 as PTX for newer cards
+
+
 def cuda_architectures() -> str:
     """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") as CMake's CUDA_ARCHITECTURES ("80;90")."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # 9.0 also as PTX, which the driver compiles for devices newer than the SASS targets
+    # (without it a newer card finds "no kernel image"; dispatch then falls back).
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     out = []
     for a in re.split(r"[;\s,]+", archs.strip()):
         if not a:
@@ -117,12 +160,22 @@ class CMakeBuild(build_ext):
             f"-DPYENS_SANITIZE={sanitize}",  # always passed, so unsetting it clears a cached build's value
         ]
         if with_cuda:
-            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures()}")
+            root = cuda_toolkit_root(shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"))
+            _log(f"CUDA toolkit at {root}")
+            args += [f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures()}",
+                     f"-DCMAKE_CUDA_COMPILER={os.path.join(root, 'bin', 'nvcc')}",
+                     f"-DCUDA_TOOLKIT_ROOT_DIR={root}", f"-DCUDAToolkit_ROOT={root}"]
+            nvrtc = nvrtc_library(root)
+            if nvrtc:
+                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         args += shlex.split(os.environ.get("PYENS_CMAKE_ARGS", ""))
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_temp), *args], check=True)
+        # torch's CMake config ignores CMAKE_CUDA_ARCHITECTURES and compiles for
+        # TORCH_CUDA_ARCH_LIST (or, unset, a dozen architectures): give it ours.
+        env = dict(os.environ, TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS))
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_temp), *args], check=True, env=env)
         subprocess.run([cmake, "--build", str(build_temp), "--parallel", jobs], check=True)
 
 

@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# The GPU work, in stages that each fit in 10 minutes.
+# The GPU work, in stages that each fit in 10 minutes (one device-tool call each).
 #
-#   bash bench/gpu_session.sh test    # build the CUDA extension, `pyens info`, the CUDA/Triton tests
-#   bash bench/gpu_session.sh bench   # python -m bench --device cuda (kernel suites, Tables 6 and 7)
+#   bash bench/gpu_session.sh test    # build, `pyens info`, `pyens selftest --device cuda`, `pytest -m cuda`
+#   bash bench/gpu_session.sh bench   # build, quick selftest, python -m bench --device cuda --skip train
+#                                     # (kernel suites, the Table 6 cost table)
 #   bash bench/gpu_session.sh train   # MAT at the paper's MNIST setting on the embedded data, then eval
 #
+# A 15-minute device session runs `test` then `bench`. Every stage runs the selftest right
+# after the build and stops there if it fails: no test, benchmark or training runs on kernels
+# that compute wrong values (the selftest's table says which case failed).
+#
+# Expected durations (estimates: the script has not run on a GPU yet; the build time is scaled
+# from nvcc here, ~45 s of CPU per .cu file):
+#   build        2-3 min (MAX_JOBS=16; skipped when the CUDA extension is already built)
+#   selftest     1-3 min the first time (Triton compiles ~50 kernel specialisations, then
+#                caches them), seconds after that
+#   pytest -m cuda  2-4 min (the Triton rows of 32769-65536 values compile slowly)
+#   => test: 5-10 min
+#   bench        kernel suites + cost table: 4-6 min  => bench: 5-7 min (with a built extension)
+#   train        TRAIN_SECONDS (480 s) + eval
 # Each stage builds first if the extension is missing, so the stages also work on a fresh
 # machine. Each stage's logs and results go to one archive, $OUT/<stage>.tar.gz ($OUT is the
 # device tool's folder, which returns at most 8 files; /tmp/pyens-gpu otherwise). `train`
@@ -31,6 +45,15 @@ has_cuda_ops() {
     "$PY" -c "import sys; from pyens.ops._backend import build_info; sys.exit(0 if build_info().get('cuda') else 1)" 2>/dev/null
 }
 
+selftest() {  # stops the stage (exit 1) when any case fails
+    say "pyens selftest --device cuda $*"
+    "$PY" -m pyens selftest --device cuda "$@" 2>&1 | tee "$RES/selftest$*.txt"
+    if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+        echo "selftest failed: the table above names the cases; stopping before anything else runs" >&2
+        exit 1
+    fi
+}
+
 build() {
     has_cuda_ops && return 0
     say "build (CUDA extension)"
@@ -46,17 +69,20 @@ case "$stage" in
     build || exit 1
     say "pyens info"
     "$PY" -m pyens info -v | tee "$RES/info.txt"
+    selftest
     say "CUDA and Triton tests"
     "$PY" -m pytest -q -p no:cacheprovider -x -m cuda tests 2>&1 | tee "$RES/test-cuda.log" | tail -40
     ;;
   bench)
     build || exit 1
+    selftest --quick
     say "benchmarks on cuda"
-    "$PY" -m bench --device cuda --results "$RES" --readme "$RES/README.md" --threads 0 2>&1 \
+    "$PY" -m bench --device cuda --skip train --results "$RES" --readme "$RES/README.md" --threads 0 2>&1 \
         | tee "$RES/bench.log" | tail -60
     ;;
   train)
     build || exit 1
+    selftest --quick
     run=runs/gpu-paper-mat
     resume=()
     [ -f "$run/checkpoint.pt" ] && resume=(--resume)

@@ -734,7 +734,10 @@ void launch_lp_rows(const LpParams& p, const at::Tensor& d, const at::Tensor& g,
     const size_t limit =
         optin_bytes > attr.sharedSizeBytes ? optin_bytes - attr.sharedSizeBytes : 0;
     if (bytes <= limit) {
-      if (bytes > 48 * 1024) {
+      // The launch takes at most maxDynamicSharedSizeBytes of dynamic memory: by default 48 KiB
+      // less the kernel's static arrays (s_red, s_cnt: ~0.9 KB for float, ~1.4 KB for double),
+      // so comparing with 48 KiB alone made rows just under it fail at launch.
+      if (bytes > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(bytes)));
       }

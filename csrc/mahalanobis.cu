@@ -124,6 +124,12 @@ __global__ void distances_backward_kernel(const T* __restrict__ ut, const T* __r
   }
 }
 
+// F + sigma z with one rounding per operation: nvcc would contract it into an FMA (one rounding),
+// while the CPU and Triton paths round the product and the sum separately, and the docs promise
+// the same perturbed factors on every backend.
+__device__ inline float perturbed(float f, float sigma, float z) { return __fadd_rn(f, __fmul_rn(sigma, z)); }
+__device__ inline double perturbed(double f, double sigma, double z) { return __dadd_rn(f, __dmul_rn(sigma, z)); }
+
 // out[i] = F[i] + sigma z[base + i] (F given) or z[base + i], i < M; thread j owns counter
 // (base >> 2) + j, i.e. noise indices 4 q .. 4 q + 3.
 template <typename T>
@@ -137,7 +143,7 @@ __global__ void noise_kernel(const T* __restrict__ F, T* __restrict__ out, uint6
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     const int64_t i = 4 * q + l - base;
-    if (i >= 0 && i < M) out[i] = F != nullptr ? F[i] + sigma * static_cast<T>(z[l]) : static_cast<T>(z[l]);
+    if (i >= 0 && i < M) out[i] = F != nullptr ? perturbed(F[i], sigma, static_cast<T>(z[l])) : static_cast<T>(z[l]);
   }
 }
 

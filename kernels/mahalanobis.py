@@ -27,14 +27,22 @@ Algorithm (as in the compiled backends): the points are transformed first with G
 Arithmetic: float64 in float64; float32, float16 and bfloat16 in float32 (the driver upcasts),
 distances and gradients returned in the input dtype by the op.  The kernels launch with
 ``enable_fp_fusion=False`` where the noise is made (no FMA contraction: the noise must round
-like the other backends').
+like the other backends').  float32 square roots and divisions use the round-to-nearest forms
+(``sqrt_rn``, ``div_rn``; Triton's plain ones may be approximate), and ``eps``, ``scale`` and
+``sigma`` reach the kernels as one-element tensors in the accumulation dtype: a Python float
+argument is float32 in a compiled kernel (float64 only in the interpreter), which would make
+float64 results carry fp32(sigma).  Offsets are int64 (``E * N * B`` passes 2^31 for large
+batches); the grids' y and z extents are checked against CUDA's 65535.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from pyens.kernels.lp_step import _div, _sqrt
 from pyens.reference.mahalanobis import DIAG, TRIL, acc_dtype, dense_factor, transformed
 
 CLOSE = 0.0625  # kClose of csrc/mahalanobis.h: pairs closer than this (relative) are recomputed
@@ -42,6 +50,7 @@ CLOSE = 0.0625  # kClose of csrc/mahalanobis.h: pairs closer than this (relative
 __all__ = ["forward", "backward", "rforward", "rbackward", "noise"]
 
 _BB, _BC, _BN = 16, 16, 16  # b, c and n tile sizes: a [16, 16, 16] difference block per step
+_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents
 _NOISE_BLOCK = 1024
 
 # float32 constants of the noise transform (exact; the same hex values as csrc/mahalanobis.h)
@@ -61,38 +70,44 @@ _C1, _C2, _C3, _C4, _C5 = (tl.constexpr(float.fromhex(h)) for h in
 # kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _distances_kernel(ut, v, d, B, C, N, E, eps, BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+def _distances_kernel(ut, v, d, B, C, N, E, eps_ptr, BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+                      F64: tl.constexpr):
     """``d[b, e, c] = sqrt(sum_n (ut[e, n, b] - v[e, c, n])^2 + eps)``."""
-    pid_b, pid_c, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64 indices from the start: products such as e * N * B or n * B pass 2^31.
+    pid_b, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64)
+    eps = tl.load(eps_ptr)
     ob = pid_b * BB + tl.arange(0, BB)
     oc = pid_c * BC + tl.arange(0, BC)
     mb, mc = ob < B, oc < C
     acc = tl.zeros((BB, BC), dtype=ut.dtype.element_ty)
     for n0 in range(0, N, BN):
-        on = n0 + tl.arange(0, BN)
+        on = n0 + tl.arange(0, BN).to(tl.int64)
         mn = on < N
         u = tl.load(ut + e * N * B + on[None, :] * B + ob[:, None], mask=mb[:, None] & mn[None, :], other=0.0)
         vv = tl.load(v + (e * C + oc[:, None]) * N + on[None, :], mask=mc[:, None] & mn[None, :], other=0.0)
         z = u[:, None, :] - vv[None, :, :]
         acc += tl.sum(z * z, axis=2)
-    tl.store(d + (ob[:, None] * E + e) * C + oc[None, :], tl.sqrt(acc + eps), mask=mb[:, None] & mc[None, :])
+    tl.store(d + (ob[:, None] * E + e) * C + oc[None, :], _sqrt(acc + eps, F64), mask=mb[:, None] & mc[None, :])
 
 
 @triton.jit
-def _weights(g, d, ob, oc, mb, mc, e, E, C, scale):
+def _weights(g, d, ob, oc, mb, mc, e, E, C, scale, F64: tl.constexpr):
     """``w[b, c] = scale * g / d`` (0 where d = 0 and outside the tile) for one member."""
     off = (ob[:, None] * E + e) * C + oc[None, :]
     m = mb[:, None] & mc[None, :]
     dd = tl.load(d + off, mask=m, other=0.0)
     gg = tl.load(g + off, mask=m, other=0.0)
-    return tl.where(dd == 0.0, 0.0, scale * gg / tl.where(dd == 0.0, 1.0, dd))
+    return tl.where(dd == 0.0, 0.0, _div(scale * gg, tl.where(dd == 0.0, 1.0, dd), F64))
 
 
 @triton.jit
-def _distances_backward_kernel(ut, v, g, d, dut, dv, B, C, N, E, scale, tiles_b,
-                               BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+def _distances_backward_kernel(ut, v, g, d, dut, dv, B, C, N, E, scale_ptr, tiles_b,
+                               BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, F64: tl.constexpr):
     """One launch: ``dut`` tiles (programs ``pid < tiles_b``), then ``dv`` tiles."""
-    pid, pid_n, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64)
+    scale = tl.load(scale_ptr)
     on = pid_n * BN + tl.arange(0, BN)
     mn = on < N
     if pid < tiles_b:
@@ -101,9 +116,9 @@ def _distances_backward_kernel(ut, v, g, d, dut, dv, B, C, N, E, scale, tiles_b,
         u = tl.load(ut + e * N * B + on[None, :] * B + ob[:, None], mask=mb[:, None] & mn[None, :], other=0.0)
         acc = tl.zeros((BB, BN), dtype=ut.dtype.element_ty)
         for c0 in range(0, C, BC):
-            oc = c0 + tl.arange(0, BC)
+            oc = c0 + tl.arange(0, BC).to(tl.int64)
             mc = oc < C
-            w = _weights(g, d, ob, oc, mb, mc, e, E, C, scale)
+            w = _weights(g, d, ob, oc, mb, mc, e, E, C, scale, F64)
             vv = tl.load(v + (e * C + oc[:, None]) * N + on[None, :], mask=mc[:, None] & mn[None, :], other=0.0)
             acc += tl.sum(w[:, :, None] * (u[:, None, :] - vv[None, :, :]), axis=1)
         tl.store(dut + e * N * B + on[None, :] * B + ob[:, None], acc, mask=mb[:, None] & mn[None, :])
@@ -113,9 +128,9 @@ def _distances_backward_kernel(ut, v, g, d, dut, dv, B, C, N, E, scale, tiles_b,
         vv = tl.load(v + (e * C + oc[:, None]) * N + on[None, :], mask=mc[:, None] & mn[None, :], other=0.0)
         acc = tl.zeros((BC, BN), dtype=ut.dtype.element_ty)
         for b0 in range(0, B, BB):
-            ob = b0 + tl.arange(0, BB)
+            ob = b0 + tl.arange(0, BB).to(tl.int64)
             mb = ob < B
-            w = _weights(g, d, ob, oc, mb, mc, e, E, C, scale)
+            w = _weights(g, d, ob, oc, mb, mc, e, E, C, scale, F64)
             u = tl.load(ut + e * N * B + on[None, :] * B + ob[:, None], mask=mb[:, None] & mn[None, :], other=0.0)
             acc -= tl.sum(w[:, :, None] * (u[:, None, :] - vv[None, :, :]), axis=0)
         tl.store(dv + (e * C + oc[:, None]) * N + on[None, :], acc, mask=mc[:, None] & mn[None, :])
@@ -165,7 +180,7 @@ def _box_muller(r0, r1):
 
 
 @triton.jit
-def _noise_kernel(F, out, seed, base, M, sigma, PERTURB: tl.constexpr, BLOCK: tl.constexpr):
+def _noise_kernel(F, out, seed, base, M, sigma_ptr, PERTURB: tl.constexpr, BLOCK: tl.constexpr):
     """``out[i] = F[i] + sigma * z[base + i]`` (PERTURB) or ``z[base + i]``, ``i < M``: element
     ``j`` of the noise is lane ``j % 4`` of the Box-Muller values of Philox counter ``j // 4``."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -178,6 +193,7 @@ def _noise_kernel(F, out, seed, base, M, sigma, PERTURB: tl.constexpr, BLOCK: tl
     z = tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
     if PERTURB:
         f = tl.load(F + offs, mask=mask, other=0.0)
+        sigma = tl.load(sigma_ptr)  # F's dtype: sigma * z rounds once in it, as on the other backends
         tl.store(out + offs, f + sigma * z.to(f.dtype), mask=mask)
     else:
         tl.store(out + offs, z, mask=mask)
@@ -186,6 +202,21 @@ def _noise_kernel(F, out, seed, base, M, sigma, PERTURB: tl.constexpr, BLOCK: tl
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` as a one-element tensor of ``dtype`` on ``device``, cached: a training loop
+    passes the same eps, scale and sigma every step, and each fresh CUDA tensor is a host copy."""
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
+def _check_grid(grid, what: str) -> None:
+    """CUDA launches at most 65535 programs along y and z; say which size is too large."""
+    for axis, extent, name in ((1, grid[1], what), (2, grid[2], "E (members)")):
+        if extent > _GRID_YZ:
+            raise ValueError(f"mahalanobis (triton): {name} needs {extent} programs along grid axis {axis}, "
+                             f"more than CUDA's {_GRID_YZ}; use the cuda, cpu or reference backend")
+
+
 def _launch(kernel, grid, device, *args, **meta):
     if device.type == "cuda":
         with torch.cuda.device(device):  # Triton launches on the current device's stream
@@ -222,7 +253,9 @@ def _distances(ut, v, pts, eps):
     if d.numel() == 0:
         return d
     grid = (triton.cdiv(B, _BB), triton.cdiv(C, _BC), E)
-    _launch(_distances_kernel, grid, ut.device, ut, v, d, B, C, N, E, float(eps), BB=_BB, BC=_BC, BN=_BN)
+    _check_grid(grid, f"C = {C} (classes)")
+    _launch(_distances_kernel, grid, ut.device, ut, v, d, B, C, N, E, _scalar(float(eps), ut.dtype, ut.device),
+            BB=_BB, BC=_BC, BN=_BN, F64=ut.dtype == torch.float64)
     close = _close_pairs(ut, v, pts, d * d - eps)
     if close is not None:
         b, e, c, y = close
@@ -247,9 +280,11 @@ def _distances_backward(ut, v, pts, grad, d, scale, need_ut, need_v):
     tiles_c = triton.cdiv(C, _BC) if need_v else 0
     if tiles_b + tiles_c and N and B and C:
         grid = (tiles_b + tiles_c, triton.cdiv(N, _BN), E)
+        _check_grid(grid, f"N = {N} (features)")
         _launch(_distances_backward_kernel, grid, ut.device, ut, v, g, d,
-                dut if need_ut else ut, dv if need_v else v, B, C, N, E, float(scale), tiles_b,
-                BB=_BB, BC=_BC, BN=_BN)
+                dut if need_ut else ut, dv if need_v else v, B, C, N, E,
+                _scalar(float(scale), ut.dtype, ut.device), tiles_b,
+                BB=_BB, BC=_BC, BN=_BN, F64=ut.dtype == torch.float64)
     if close is not None:
         dd = d[b, e, c]
         w = torch.where(dd == 0, torch.zeros_like(dd), grad[b, e, c] * scale / dd)
@@ -265,8 +300,8 @@ def _noise_into(out, F, seed, base, sigma):
     M = out.numel()
     if M:
         _launch(_noise_kernel, (triton.cdiv(M, _NOISE_BLOCK),), out.device, F if F is not None else out, out,
-                int(seed), int(base), M, float(sigma), PERTURB=F is not None, BLOCK=_NOISE_BLOCK,
-                enable_fp_fusion=False)
+                int(seed), int(base), M, _scalar(float(sigma), out.dtype, out.device), PERTURB=F is not None,
+                BLOCK=_NOISE_BLOCK, enable_fp_fusion=False)
     return out
 
 

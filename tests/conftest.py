@@ -20,18 +20,33 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The first-use self-check (pyens.ops.selftest) caches its verdicts on disk: a fresh directory
+# per session, so that no run reads another's verdict or writes to the user's cache.
+if "PYENS_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PYENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="pyens-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PYENS_CACHE_DIR"], True)
+
 from pyens.ops import available_backends  # noqa: E402
+from pyens.ops.selftest import TOLERANCES  # noqa: E402,F401 - (rtol, atol) per dtype, shared with pyens selftest
 
 # Backends every test run must have: a build that lost one fails instead of silently skipping
 # its tests. The C++ CPU kernels always build and `.[test]` installs triton; set
 # PYENS_REQUIRE_BACKENDS to change the list (e.g. "" for a deliberately partial install).
 REQUIRED = {b for b in os.environ.get("PYENS_REQUIRE_BACKENDS", "cpu,triton").split(",") if b}
-TOLERANCES = {  # (rtol, atol) per dtype, on values of order eps
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
+CUDA = torch.cuda.is_available()
+if CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    # On a GPU host Triton runs CUDA tensors (the tests marked cuda), not CPU ones: its
+    # CPU-tensor tests skip with the reason instead of failing for it.
+    REQUIRED.discard("triton")
+# Where device-parametrized tests run: the CPU always; CUDA tensors on a GPU host (marked cuda,
+# so that `pytest -m cuda` selects them), skipped with the reason elsewhere.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+               not CUDA, reason="no CUDA device is visible to torch")])]
 
 
 def backend_params(op: str, candidates=("reference", "cpu", "triton")):
@@ -45,6 +60,19 @@ def backend_params(op: str, candidates=("reference", "cpu", "triton")):
 
             marks.append(pytest.mark.skip(reason=f"{name}: {OPS[op].why_not(name, 'cpu')}"))
         out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def gpu_backend_params(op: str, candidates=("cuda", "triton")):
+    """pytest params (marked cuda) for the backends that run ``op`` on CUDA tensors; skipped
+    with the reason where they cannot (no GPU, a CPU build, no triton)."""
+    from pyens.ops._backend import OPS
+
+    out = []
+    for name in candidates:
+        why = OPS[op].why_not(name, "cuda")
+        marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=f"{name} on cuda: {why}")] if why else [])
+        out.append(pytest.param(name, marks=marks, id=f"{name}-cuda"))
     return out
 
 

@@ -12,27 +12,12 @@ from hypothesis import given, settings, strategies as st
 import pyens
 from pyens.ops import lp_project, lp_step, steepest_direction, use_backend
 from pyens.ops._backend import forget_choices
+from pyens.ops.selftest import make_rows  # rows with the hard cases built in
 from pyens.reference.lp_step import lp_rows as reference_rows
 from tests.conftest import TOLERANCES, assert_close, backend_params
 
 LINF, L2, L1 = 0, 1, 2
 PAPER = {LINF: (0.3, 0.01), L2: (2.0, 0.1), L1: (10.0, 0.8)}  # MNIST eps, alpha (Appendix C)
-
-
-def make_rows(rows, n, dtype, seed, scale=0.3):
-    """Random rows with the hard cases built in: rows at the box bounds, a zero gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(rows, n, generator=gen, dtype=torch.float64)
-    x[0] = 0.0                              # every coordinate at lo
-    if rows > 1:
-        x[1, : max(1, n // 2)] = 1.0        # half the coordinates at hi
-    d = torch.randn(rows, n, generator=gen, dtype=torch.float64) * scale
-    g = torch.randn(rows, n, generator=gen, dtype=torch.float64)
-    if rows > 2:
-        g[2] = 0.0                          # zero-gradient row
-    if rows > 3:
-        g[3] = g[3].round(decimals=1)       # many equal |g|: ties in the l1 top-k
-    return d.to(dtype), g.to(dtype), x.to(dtype)
 
 
 def run_backend(backend, *args):

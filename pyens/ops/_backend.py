@@ -8,6 +8,12 @@ the error of a forced-but-unavailable backend repeats.
 
 Forcing: ``PYENS_BACKEND=<name>`` in the environment, or ``with use_backend(name):`` (which
 wins over the environment, and nests).  ``"auto"`` restores the automatic choice.
+
+Self-check: the automatic choice trusts a compiled backend on a device only once it has passed
+the quick subset of ``pyens selftest`` there (:mod:`pyens.ops.selftest`), run the first time
+the backend would serve the op in a process and cached on disk; a backend that fails is
+skipped for the next one, with one warning. ``PYENS_SELFTEST=0`` turns the check off. A
+forced backend is not checked: forcing is how one runs a backend regardless.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ def _env_reader(name: str) -> Callable[[], str | None]:
 
 _env_backend = _env_reader("PYENS_BACKEND")
 _env_triton_interpret = _env_reader("TRITON_INTERPRET")
+_env_selftest = _env_reader("PYENS_SELFTEST")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,6 +95,36 @@ def _cuda_device_missing() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA device is visible to torch"
 
 
+def archs_cover(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether CMake CUDA architectures (``"80-real 90"``) hold code a device of ``capability``
+    runs: SASS ``sm_XY`` (``XY``, ``XY-real``) runs on major X, minor >= Y; PTX (``XY``,
+    ``XY-virtual``) is compiled by the driver for any capability >= X.Y. CMake's symbolic values
+    (``native``, ``all``, ``all-major``) count as covering: the self-check still runs."""
+    major, minor = capability
+    for a in archs.replace(";", " ").split():
+        num, _, kind = a.partition("-")
+        if not num.isdigit():
+            return True
+        am, an = int(num[:-1]), int(num[-1])
+        if kind in ("", "real") and am == major and an <= minor:
+            return True
+        if kind in ("", "virtual") and (am, an) <= (major, minor):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_uncovered(index: int) -> str | None:
+    """Why the built CUDA kernels cannot run on device ``index`` (None: they can)."""
+    archs = build_info().get("cuda_archs", "")
+    cap = torch.cuda.get_device_capability(index)
+    if archs and not archs_cover(archs, cap):
+        return (f"pyens._C holds CUDA code for {archs}, none of which runs on "
+                f"{torch.cuda.get_device_name(index)} (compute capability {cap[0]}.{cap[1]}); rebuild with "
+                f"TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\" pip install --no-build-isolation -e .")
+    return None
+
+
 def _why_not_backend(backend: str, device_type: str) -> str | None:
     """Why ``backend`` cannot run on ``device_type`` at all (None: it can)."""
     if backend not in BACKENDS:
@@ -109,7 +146,7 @@ def _why_not_backend(backend: str, device_type: str) -> str | None:
         info = mod.build_info()
         if not info.get("cuda"):
             return f"pyens._C was built without CUDA ({info.get('cuda_note') or 'no reason recorded'})"
-        return None
+        return _cuda_arch_uncovered(torch.cuda.current_device())
     if backend == "triton":
         why = _triton_import_error()
         if why:
@@ -167,7 +204,7 @@ class Op:
         # variables read here, so the choice is cached per situation (a PGD loop asks the
         # same question every step).
         fits = tuple(n <= k.max_n for k in self.kernels.values() if k.max_n is not None)
-        key = (forced, device.type, dtype, fits, _env_triton_interpret())
+        key = (forced, device.type, device.index, dtype, fits, _env_triton_interpret())
         hit = self._chosen.get(key)
         if hit is None:
             hit = self._chosen[key] = self._select(forced, device, dtype, n)
@@ -182,31 +219,44 @@ class Op:
                     f"{self.name} on {device.type} {str(dtype).replace('torch.', '')}: {why}")
             return forced, self.kernels[forced].load()
         preference = PREFERENCE.get(device.type, ("reference",))
+        failed_checks = []
         for backend in preference:
             if self.why_not(backend, device.type, dtype, n) is None:
+                check = self_check(self.name, backend, device)
+                if check is not None and not check["ok"]:
+                    failed_checks.append((backend, check))
+                    continue
                 if backend != preference[0]:
-                    self._warn_fallback(preference[0], backend, device.type, dtype, n)
+                    self._warn_fallback(preference[0], backend, device.type, dtype, n, failed_checks)
                 return backend, self.kernels[backend].load()
         raise BackendUnavailableError(f"no backend can run {self.name} on {device.type} {dtype}")
 
-    def _warn_fallback(self, wanted, got, device_type, dtype, n):
+    def _warn_fallback(self, wanted, got, device_type, dtype, n, failed_checks=()):
         key = (wanted, got, device_type)
         if key in self._fell_back:
             return
         self._fell_back.add(key)
-        warnings.warn(f"pyens: {self.name} on {device_type} runs on the {got} backend: "
-                      f"{wanted} is unavailable ({self.why_not(wanted, device_type, dtype, n)})",
+        failed = dict(failed_checks)
+        reasons = []
+        if wanted not in failed:
+            reasons.append(f"{wanted} is unavailable ({self.why_not(wanted, device_type, dtype, n)})")
+        reasons += [f"{b} failed its self-check on this device ({c['failed']}; `pyens selftest --device "
+                    f"{device_type} --backend {b}` shows every case)" for b, c in failed_checks]
+        warnings.warn(f"pyens: {self.name} on {device_type} runs on the {got} backend: " + "; ".join(reasons),
                       RuntimeWarning, stacklevel=4)
 
     def report(self, device_type: str, dtype: torch.dtype = torch.float32) -> dict:
-        """``{"selected": name | None, "why_not": {backend: reason}}`` for one device."""
+        """``{"selected": name | None, "why_not": {backend: reason}, "self_check": {backend: state}}``
+        for one device; ``state`` is :func:`self_check_state`'s (no check is run here)."""
         why = {b: self.why_not(b, device_type, dtype) for b in BACKENDS}
+        checks = {b: self_check_state(self.name, b, device_type) for b in BACKENDS if why[b] is None}
         forced = current_forced()
         if forced is not None:
             selected = forced if why[forced] is None else None
         else:
-            selected = next((b for b in PREFERENCE.get(device_type, ("reference",)) if why[b] is None), None)
-        return {"selected": selected, "why_not": {b: r for b, r in why.items() if r}}
+            selected = next((b for b in PREFERENCE.get(device_type, ("reference",))
+                             if why[b] is None and not checks[b].startswith("failed")), None)
+        return {"selected": selected, "why_not": {b: r for b, r in why.items() if r}, "self_check": checks}
 
 
 OPS: dict[str, Op] = {}
@@ -226,6 +276,59 @@ def forget_choices() -> None:
     for op in OPS.values():
         op._chosen.clear()
         op._fell_back.clear()
+    _CHECKS.clear()
+
+
+# The first-use self-check's verdicts in this process: (op, backend, device) -> verdict dict
+# (pyens.ops.selftest.first_use_check); the disk cache carries them across processes.
+_CHECKS: dict[tuple[str, str, str], dict] = {}
+
+
+def _check_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def self_check(op: str, backend: str, device: torch.device) -> dict | None:
+    """The first-use verdict of ``backend`` serving ``op`` on ``device`` (None: not checked).
+
+    Runs the quick selftest subset once per process and device, or reads its cached verdict
+    (:func:`pyens.ops.selftest.first_use_check`); ``PYENS_SELFTEST=0`` skips it.
+    """
+    from pyens.ops.selftest import FIRST_USE_CHECKED
+
+    if backend not in FIRST_USE_CHECKED.get(device.type, ()) or _env_selftest() == "0":
+        return None
+    device = _check_device(device)
+    key = (op, backend, str(device))
+    verdict = _CHECKS.get(key)
+    if verdict is None:
+        from pyens.ops.selftest import first_use_check
+
+        verdict = _CHECKS[key] = first_use_check(op, backend, device)
+    return verdict
+
+
+def self_check_state(op: str, backend: str, device_type: str) -> str:
+    """One line for ``pyens info``: ``passed ...``, ``failed ...``, ``not run yet``, ``disabled ...``
+    or ``not checked ...``; reads this process's verdict or the disk cache, runs nothing."""
+    from pyens.ops.selftest import FIRST_USE_CHECKED, cache_key, read_cached
+
+    if backend not in FIRST_USE_CHECKED.get(device_type, ()):
+        return "not checked (the reference itself)" if backend == "reference" else "not checked on first use"
+    if _env_selftest() == "0":
+        return "disabled (PYENS_SELFTEST=0)"
+    device = _check_device(torch.device(device_type))
+    verdict = _CHECKS.get((op, backend, str(device)))
+    where = "this process"
+    if verdict is None:
+        verdict, where = read_cached(cache_key(op, backend, device)), "cached"
+    if verdict is None:
+        return "not run yet (runs on first use)"
+    if verdict.get("ok"):
+        return f"passed ({where}, {verdict.get('seconds', 0):.2f} s)"
+    return f"failed ({where}): {verdict.get('failed', '')}"
 
 
 def current_forced() -> str | None:

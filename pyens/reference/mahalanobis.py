@@ -222,7 +222,10 @@ def _grads(fn, grad, inputs, needs):
         leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(acc, needs)]
         out = fn(*leaves)
         wanted = [t for t, n in zip(leaves, needs) if n]
-        got = iter(torch.autograd.grad(out, wanted, grad.to(out.dtype)) if wanted else ())
+        # The vector-Jacobian product as the gradient of the scalar sum(out * grad): the same
+        # values (the product's backward hands each output exactly its grad), but no tensor of
+        # gradient outputs, for which torch imports sympy (~1 s) on its first autograd.grad.
+        got = iter(torch.autograd.grad((out * grad.to(out.dtype)).sum(), wanted) if wanted else ())
     return tuple(next(got).to(t.dtype) if n else t.new_empty(0) for t, n in zip(inputs, needs))
 
 
