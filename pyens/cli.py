@@ -5,6 +5,7 @@
   pyens report  evaluate runs and write a Markdown report: Table 4, transfer tables, curves, sanity checks
   pyens dml-report  DML paper tables (2, 4-9), detection, certified accuracy, masking check
   pyens info    versions, build flags, devices and the backend every op would use
+  pyens selftest  every op on every available backend against the float64 reference
   pyens demo    a short MAT-style PGD run of the fused step on every usable backend
   pyens convert-checkpoint  rewrite a checkpoint of an earlier pyens version in the safe format (--trust)
 """
@@ -66,7 +67,27 @@ def cmd_info(args: argparse.Namespace) -> int:
             if args.verbose:
                 for b, reason in rep["why_not"].items():
                     print(f"  {'':20s} {'':5s}    {b}: {reason}")
+    print("self-check on first use (pyens selftest; PYENS_SELFTEST=0 turns it off):")
+    for op, per_device in backends().items():
+        for device, rep in per_device.items():
+            for b, state in rep["self_check"].items():
+                print(f"  {op:20s} {device:5s} {b:9s} {state}")
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from pyens.ops import selftest
+
+    start = time.perf_counter()
+    results = selftest.run(args.device, backend=args.backend, quick=args.quick)
+    if not results:
+        print(f"pyens selftest: no backend but the reference runs on {args.device} (pyens info -v says why)")
+        return 0
+    print(selftest.format_table(results))
+    failed = sum(not r.ok for r in results)
+    print(f"\n{len(results) - failed} passed, {failed} failed in {time.perf_counter() - start:.1f} s "
+          f"({args.device}{', quick subset' if args.quick else ''})")
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -111,7 +132,9 @@ def _csv(cast):
 
 def _per_norm(text: str):
     """``--eps``/``--alpha``: ``linf=0.3,l2=2,l1=10`` (a ``{norm: value}`` table, as in the config
-    files) or a bare list ``0.3,2,10`` (one value per member, in the order of the norms)."""
+    files) or a bare list ``0.3,2,10`` (one value per member, in the order of the norms); a
+    value may be a fraction, ``linf=8/255``."""
+    from pyens.eval.threats import parse_number
     from pyens.training.config import NORMS
 
     items = [v.strip() for v in text.split(",") if v.strip()]
@@ -128,11 +151,19 @@ def _per_norm(text: str):
                                                      f"got {item!r} (e.g. linf=0.3,l2=2,l1=10)")
                 if norm in table:
                     raise argparse.ArgumentTypeError(f"{norm} given twice in {text!r}")
-                table[norm] = float(value)
+                table[norm] = parse_number(value)
             return table
-        return tuple(float(v) for v in items)
+        return tuple(parse_number(v) for v in items)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers, e.g. linf=0.3,l2=2,l1=10 or 0.3; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected numbers or fractions, e.g. linf=8/255,l2=0.5,l1=12 or 0.3; "
+                                         f"got {text!r}") from None
+
+
+def _eps_table(value, flag: str = "--eps") -> dict | None:
+    """``pyens eval``'s ``--eps``/``--alpha``: ``{norm: value}`` (a bare list names no norm)."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"{flag} for pyens eval: give NORM=VALUE pairs, e.g. linf=8/255,l2=0.5,l1=12 (got a bare list)")
 
 
 def _bool(text: str) -> bool:
@@ -278,6 +309,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.list_threats:
+        from pyens.eval.threats import list_threats
+
+        print(list_threats())
+        return 0
+    if args.model:
+        if args.run_dirs:
+            raise ValueError(f"give RUN_DIRs or --model, not both (got {' '.join(args.run_dirs)} and --model)")
+        from pyens.cli_eval import evaluate_model
+
+        return evaluate_model(args)
+    if not args.run_dirs:
+        raise ValueError("nothing to evaluate: give RUN_DIRs (pyens training runs) or --model (see pyens eval -h)")
+    for flag, dest in (("--weights", "weights"), ("--model-arg", "model_arg"), ("--normalize", "normalize"),
+                       ("--autocast", "autocast"), ("--resize", "resize"), ("--out", "out")):
+        if getattr(args, dest):
+            raise ValueError(f"{flag} goes with --model; a training run's own config sets it")
     return _evaluate_runs(args.run_dirs, args)
 
 
@@ -287,23 +335,44 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pyens.eval import format_table
     from pyens.eval.catalogue import preset_attacks
     from pyens.eval.reporting import evaluate_run
-    from pyens.training.checkpoint import atomic_write_text
+    from pyens._files import atomic_write_text
 
     device = _check_eval_flags(args)
-    # The same function builds pyens.evaluate(attacks=PRESET)'s attacks: the two agree.
-    specs = lambda dataset: preset_attacks(args.attacks, dataset, steps=args.eval_steps,  # noqa: E731
-                                           restarts=args.eval_restarts)
+    threat, eps, alpha = (getattr(args, k, None) for k in ("threat", "eps", "alpha"))
+
+    def specs(dataset):
+        if threat or eps or alpha:  # `pyens eval --threat/--eps/--alpha`: the threat model's attacks
+            from pyens.eval.threats import threat_model, threat_specs
+
+            return threat_specs(args.attacks, threat_model(threat, _eps_table(eps), dataset), dataset,
+                                steps=args.eval_steps, restarts=args.eval_restarts, alpha=_eps_table(alpha, "--alpha"))
+        # The same function builds pyens.evaluate(attacks=PRESET)'s attacks: the two agree.
+        return preset_attacks(args.attacks, dataset, steps=args.eval_steps, restarts=args.eval_restarts)
+
     steps = args.eval_steps or 50
     reports = []
     for run_dir in run_dirs:
         report = evaluate_run(run_dir, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size, device=device,
                               progress=not args.no_progress)
+        report.meta["threat"] = {a.norm: a.eps for a in report.attacks if a.norm is not None}
+        report.meta["threat_preset"] = threat
         report.to_json(Path(run_dir) / "eval.json")
         atomic_write_text(report.to_markdown(), Path(run_dir) / "eval.md")
         reports.append(report)
+    if getattr(args, "summary", False):  # one JSON line per model, nothing else on stdout
+        import json
+
+        from pyens.eval.foreign import summary
+        from pyens.eval.sanity import run_checks
+
+        for report in reports:
+            print(json.dumps(summary(report, run_checks(report))))
+        return 0
     n = reports[0].n
-    what = {"pgd": f"PGD at the paper's radii, {steps} steps",
-            "pgd+apgd": f"PGD at the paper's radii ({steps} steps) and AutoAttack's APGD-CE and "
+    radii = "the paper's radii" if not (threat or eps) else \
+        "radii " + ", ".join(f"{p} {e:g}" for p, e in reports[0].meta["threat"].items())
+    what = {"pgd": f"PGD at {radii}, {steps} steps",
+            "pgd+apgd": f"PGD at {radii} ({steps} steps) and AutoAttack's APGD-CE and "
                         "APGD-T (100 steps, torchattacks) for linf and l2"}.get(args.attacks,
                                                                                  f"the {args.attacks!r} attack catalogue")
     print(f"\nrobust accuracy (%) on the first {n} test images, {what} (Table 4 layout):")
@@ -427,10 +496,11 @@ def _eval_flags(p: argparse.ArgumentParser, *, attacks: str = "pgd", n: int = 10
                        help=text + (" (default: %(default)s)" if default is not None else ""))
     g.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the table to this Markdown file (default: none)")
-    g.add_argument("--attacks", default=attacks, choices=("pgd", "pgd+apgd", "quick", "paper"),
+    g.add_argument("--attacks", default=attacks, choices=("pgd", "pgd+apgd", "quick", "paper", "autoattack"),
                    help=f"pgd: PGD linf/l2/l1 at the paper's radii (--{prefix}steps, --{prefix}restarts); pgd+apgd: "
                         "also AutoAttack's APGD-CE and APGD-T for linf and l2; quick/paper: the whole attack "
-                        "catalogue, cut to CPU size or at the papers' settings (default: %(default)s)")
+                        "catalogue, cut to CPU size or at the papers' settings; autoattack: AutoAttack (standard "
+                        "version, one row per sub-attack) for linf and l2 (default: %(default)s)")
     if not prefix:  # the --eval-* spellings of earlier versions: accepted with a warning, not listed
         for name, dest, cast, _, _ in _EVAL_FLAGS:
             p.add_argument(f"--eval-{name}", dest=dest, type=cast, action=_Deprecated, use=f"--{name}",
@@ -494,6 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, build flags, devices and active backends")
     info.add_argument("-v", "--verbose", action="store_true", help="also say why the other backends are not used")
     info.set_defaults(func=cmd_info)
+    st = sub.add_parser("selftest", help="check every op on every available backend against the float64 reference",
+                        description="Runs every op (forward and backward) on every available backend of the device, "
+                                    "in each dtype it takes, on a fixed set of hard cases, against the float64 "
+                                    "reference with the test suite's tolerances; prints a table and exits 1 on "
+                                    "any failure. Dispatch runs the --quick subset itself the first time a backend "
+                                    "serves an op (cached; PYENS_SELFTEST=0 turns that off).")
+    st.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: %(default)s)")
+    st.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu"),
+                    help="only this backend (default: every available one)")
+    st.add_argument("--quick", action="store_true", help="only the quick subset dispatch runs on first use")
+    st.set_defaults(func=cmd_selftest)
     tr = sub.add_parser("train", help="train MAT or a baseline (no arguments: the quick MNIST MAT run)",
                         description="Train, then evaluate. Flags override the config (default: quick-mnist).",
                         epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,10 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "print the robustness table; saves RUN_DIR/eval.json and eval.md. The options "
                                     "are spelled as pyens report's (--n, --batch-size, --device); the --eval-n, "
                                     "--eval-steps, ... spellings still work here, deprecated.")
-    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (pyens train --out)")
+    ev.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="training run directories (pyens train --out)")
     ev.add_argument("--no-progress", action="store_true",
                     help="no progress display (default: a bar on a terminal, else a line every few seconds)")
     _eval_flags(ev, attacks="pgd+apgd", prefix="")
+    from pyens.cli_eval import add_model_flags
+
+    add_model_flags(ev)
     ev.set_defaults(func=cmd_eval)
     rp = sub.add_parser("report", help="evaluate runs and write a Markdown report with tables and plots",
                         description="Table 4 (every catalogue attack), transferability (Tables 1-3, 9-12), curves, "
@@ -562,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
     dr = sub.add_parser("dml-report", help="the DML paper's tables for DML and baseline ensemble runs",
                         description="Tables 2, 4, 5, 6/9, 7, certified accuracy, detection, the distortion-accuracy "
-                                    "curve and a gradient-masking check, as dml_report.{json,md} and dml_curve.png.")
+                                    "curve, a gradient-masking check and CLEVER scores (Fig. 1), as "
+                                    "dml_report.{json,md}, dml_curve.png and dml_clever.png.")
     dr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="ensemble runs (dml, dml_at, ensemble, ...)")
     from pyens.eval.dml import TABLES
 

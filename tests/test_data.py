@@ -197,7 +197,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="name must be one of mnist, cifar10, resisc45"):
+    with pytest.raises(ValueError, match="name must be one of mnist, cifar10, cifar100, resisc45"):
         data.load("svhn")
     with pytest.raises(ValueError, match="split"):
         data.load("mnist", "val")

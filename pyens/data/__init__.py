@@ -1,4 +1,5 @@
-"""Datasets for pyens: MNIST (embedded or full), CIFAR-10 and RESISC-45, read from local files.
+"""Datasets for pyens: MNIST (embedded or full), CIFAR-10/100 and RESISC-45, read from local files;
+a user's own images as an ``.npz`` or an image folder (:mod:`pyens.data.user`).
 
     ds = pyens.data.load("mnist", "train")                       # embedded: last 9,000 test images
     ds = pyens.data.load("cifar10", "test", data_dir="~/data")   # cifar-10-batches-py pickles
@@ -17,12 +18,13 @@ from pathlib import Path
 
 from pyens.data import cifar, resisc
 from pyens.data._files import SPLITS, check_split
-from pyens.data.cifar import load_cifar10
+from pyens.data.cifar import load_cifar10, load_cifar100
 from pyens.data.datasets import ImageDataset, ImageFolderDataset, TensorImageDataset, batches, subset
 from pyens.data.mnist_idx import load_embedded_mnist, load_mnist, read_idx
 from pyens.data.resisc import DEFAULT_SIZE, load_resisc45
+from pyens.data.user import load_image_folder, load_npz
 
-NAMES = ("mnist", "cifar10", "resisc45")
+NAMES = ("mnist", "cifar10", "cifar100", "resisc45")
 
 
 def load(name: str, split: str = "train", *, data_dir: str | Path | None = None,
@@ -30,7 +32,7 @@ def load(name: str, split: str = "train", *, data_dir: str | Path | None = None,
     """The ``split`` of dataset ``name``.
 
     Args:
-        name: ``"mnist"``, ``"cifar10"`` or ``"resisc45"``.
+        name: ``"mnist"``, ``"cifar10"``, ``"cifar100"`` or ``"resisc45"``.
         split: ``"train"`` or ``"test"``.
         data_dir: the folder holding the dataset in its standard format. ``None`` is allowed
             for ``"mnist"`` only and gives the embedded set (MNIST's 10,000 test images, MD5-
@@ -52,17 +54,20 @@ def load(name: str, split: str = "train", *, data_dir: str | Path | None = None,
     if data_dir is None:
         if name == "mnist":
             return load_embedded_mnist(split)
-        expect = (cifar if name == "cifar10" else resisc).EXPECT
+        expect = {"cifar10": cifar.EXPECT, "cifar100": cifar.EXPECT_100}.get(name, resisc.EXPECT)
         raise FileNotFoundError(f"{name} is not embedded in pyens and is never downloaded: pass data_dir; {expect}")
     data_dir = Path(data_dir).expanduser()
     if name == "mnist":
         return load_mnist(split, data_dir)
     if name == "cifar10":
         return load_cifar10(split, data_dir)
+    if name == "cifar100":
+        return load_cifar100(split, data_dir)
     return load_resisc45(split, data_dir, size=DEFAULT_SIZE if size is None else size)
 
 
 __all__ = [
     "load", "subset", "batches", "NAMES", "SPLITS", "ImageDataset", "TensorImageDataset", "ImageFolderDataset",
-    "read_idx", "load_mnist", "load_embedded_mnist", "load_cifar10", "load_resisc45",
+    "read_idx", "load_mnist", "load_embedded_mnist", "load_cifar10", "load_cifar100", "load_resisc45",
+    "load_npz", "load_image_folder",
 ]

@@ -1,4 +1,5 @@
-"""CIFAR-10 from the "python version" pickle batches (cifar-10-python.tar.gz, extracted).
+"""CIFAR-10 and CIFAR-100 from the "python version" pickle batches (cifar-10-python.tar.gz,
+cifar-100-python.tar.gz, extracted).
 
 The batches are read with an unpickler that only builds numpy arrays, so a data folder
 cannot run code through a crafted pickle.
@@ -49,16 +50,18 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, label_key: str = "labels", num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``(uint8 [N, 3, 32, 32], int64 [N])`` of one batch file; CIFAR-100 keeps its labels
+    under ``fine_labels``."""
     batch = _unpickle(path)
-    if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels'; found {sorted(batch)}")
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"{path}: a CIFAR batch needs 'data' and {label_key!r}; found {sorted(batch)}")
     data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
         raise ValueError(f"{path}: expected data [N, 3072] and labels [N]; got {data.shape} and {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise ValueError(f"{path}: labels outside 0..9")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: labels outside 0..{num_classes - 1} (got {labels.min()}..{labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -81,3 +84,29 @@ def load_cifar10(split: str, data_dir: str | Path) -> TensorImageDataset:
     labels = np.concatenate([p[1] for p in parts])
     return TensorImageDataset(to_float_images(images), torch.from_numpy(labels), name="cifar10", split=split,
                               classes=_class_names(directory), mean=MEAN, std=STD)
+
+
+# CIFAR-100, "python version" (cifar-100-python.tar.gz, extracted): files train, test and meta,
+# the same pickle format as CIFAR-10's with 100 "fine" labels.
+SUBDIR_100 = "cifar-100-python"
+# Per-channel statistics of the training pixels as published with CIFAR-100 training code;
+# not re-measured here (pyens ships no CIFAR-100). Evaluation does not use them.
+MEAN_100, STD_100 = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+EXPECT_100 = (f"--data-dir for cifar100 must hold the files train and test (and meta) of the python version of "
+              f"CIFAR-100, directly or in {SUBDIR_100}/")
+
+
+def load_cifar100(split: str, data_dir: str | Path) -> TensorImageDataset:
+    """CIFAR-100 ``split`` (50,000 train / 10,000 test images, 100 fine labels) from ``data_dir``."""
+    check_split(split)
+    directory = Path(data_dir)
+    if (directory / SUBDIR_100).is_dir():
+        directory = directory / SUBDIR_100
+    images, labels = _read_batch(find_file(directory, (split,), expect=EXPECT_100), "fine_labels", 100)
+    classes = tuple(str(i) for i in range(100))
+    if (directory / "meta").is_file():
+        names = _unpickle(directory / "meta").get("fine_label_names")
+        if names is not None and len(names) == 100:
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return TensorImageDataset(to_float_images(images), torch.from_numpy(labels), name="cifar100", split=split,
+                              classes=classes, mean=MEAN_100, std=STD_100)

@@ -10,10 +10,10 @@ key                group  kind        implementation (used as it is; adapters on
 =================  =====  ==========  ==================================================
 pgd_linf/l2/l1     norm   white-box   :class:`pyens.attacks.PGD` (fused lp step)
 hsj                linf   black-box   foolbox ``HopSkipJumpAttack`` (linf constraint)
-autoattack_linf    linf   white-box   torchattacks ``AutoAttack`` (standard version)
+autoattack_linf    linf   white-box   torchattacks ``AutoAttack``, one row per sub-attack below it
 cw_l2              l2     white-box   foolbox ``L2CarliniWagnerAttack`` (binary search on c)
 boundary           l2     black-box   foolbox ``BoundaryAttack``
-autoattack_l2      l2     white-box   torchattacks ``AutoAttack`` (standard version)
+autoattack_l2      l2     white-box   torchattacks ``AutoAttack`` (as autoattack_linf)
 salt_pepper        l1     black-box   foolbox ``SaltAndPepperNoiseAttack``
 ead_l1             l1     white-box   foolbox ``EADAttack`` (L1 decision rule)
 msd                other  white-box   :class:`pyens.attacks.MSD` (worst of 3 steps)
@@ -32,7 +32,8 @@ models, and APGD's step-size schedule and DLR loss close most of that gap), ``"p
 sizes; the other attacks at their original authors' settings, which are the libraries'
 defaults unless said otherwise), ``"quick"`` (the same catalogue cut to CPU size; every
 difference from ``"paper"`` is written into the spec's ``note`` and so into the report) and
-``"pgd"`` (PGD linf / l2 / l1 only).
+``"pgd"`` (PGD linf / l2 / l1 only) and ``"autoattack"`` (AutoAttack's standard version for linf
+and l2, the protocol of the RobustBench leaderboards).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ RADII = {"mnist": (0.3, 2.0, 10.0), "cifar10": (0.03, 0.5, 12.0), "resisc45": (0
 # The paper's PGD step sizes (Appendix C.1, also used at test time): (linf, l2, l1).
 PAPER_ALPHA = {"mnist": (0.01, 0.1, 0.8), "cifar10": (0.003, 0.02, 1.0), "resisc45": (0.003, 0.02, 1.0)}
 NORMS = ("linf", "l2", "l1")
-PRESETS = ("paper", "quick", "pgd", "pgd+apgd")
+PRESETS = ("paper", "quick", "pgd", "pgd+apgd", "autoattack")
+AUTOATTACK_KEYS = ("autoattack_linf", "autoattack_l2")
 APGD_KEYS = ("apgd_ce_linf", "apgd_t_linf", "apgd_ce_l2", "apgd_t_l2")
 # Attacks that minimise the distortion: their per-example distances are worth a curve.
 MINIMUM_NORM = ("hsj", "cw_l2", "boundary", "salt_pepper", "ead_l1")
@@ -286,6 +288,14 @@ def _ta(name, **fixed):
     return build
 
 
+def _aa(norm):
+    def build(p, eps, radii):
+        from pyens.eval.autoattack import AutoAttackDetail
+
+        return lambda model: AutoAttackDetail(model, norm=norm, eps=eps, seed=0, **p)
+    return build
+
+
 def _fb(name, **fixed):
     return lambda p, eps, radii: (lambda model: FoolboxAttack(model, name, **fixed, **p))
 
@@ -294,12 +304,12 @@ CATALOGUE: dict[str, Entry] = {
     "pgd_linf": Entry("PGD linf", "linf", "linf", "white-box", _pgd, "pyens"),
     "hsj": Entry("HSJ linf", "linf", "linf", "black-box", _fb("HopSkipJumpAttack", constraint="linf", starts=True),
                  "foolbox"),
-    "autoattack_linf": Entry("AutoAttack linf", "linf", "linf", "white-box", _ta("AutoAttack", norm="Linf", seed=0),
+    "autoattack_linf": Entry("AutoAttack linf", "linf", "linf", "white-box", _aa("Linf"),
                              "torchattacks"),
     "pgd_l2": Entry("PGD l2", "l2", "l2", "white-box", _pgd, "pyens"),
     "cw_l2": Entry("CW l2", "l2", "l2", "white-box", _fb("L2CarliniWagnerAttack"), "foolbox"),
     "boundary": Entry("Boundary l2", "l2", "l2", "black-box", _fb("BoundaryAttack", starts=True), "foolbox"),
-    "autoattack_l2": Entry("AutoAttack l2", "l2", "l2", "white-box", _ta("AutoAttack", norm="L2", seed=0),
+    "autoattack_l2": Entry("AutoAttack l2", "l2", "l2", "white-box", _aa("L2"),
                            "torchattacks"),
     "pgd_l1": Entry("PGD l1", "l1", "l1", "white-box", _pgd, "pyens"),
     "salt_pepper": Entry("Salt & pepper l1", "l1", "l1", "black-box", _fb("SaltAndPepperNoiseAttack"), "foolbox"),
@@ -322,11 +332,13 @@ CATALOGUE: dict[str, Entry] = {
 PAPER = {
     "pgd": dict(steps=200, k=20, restarts=10, random_start=True),
     "hsj": dict(steps=64, initial_gradient_eval_steps=100, max_gradient_eval_steps=10000, gamma=1.0),
-    "autoattack_linf": dict(version="standard"),
+    # AutoAttack as its authors run it: 100 iterations of APGD, APGD-T and FAB-T (torchattacks'
+    # port defaults to 10), Square with 5000 queries.
+    "autoattack_linf": dict(version="standard", steps=100),
     "cw_l2": dict(binary_search_steps=9, steps=10000, stepsize=0.01, confidence=0, initial_const=0.001,
                   abort_early=True),
     "boundary": dict(steps=25000, spherical_step=0.01, source_step=0.01, step_adaptation=1.5),
-    "autoattack_l2": dict(version="standard"),
+    "autoattack_l2": dict(version="standard", steps=100),
     "salt_pepper": dict(steps=1000),
     "ead_l1": dict(binary_search_steps=9, steps=1000, initial_stepsize=0.01, initial_const=0.001,
                    regularization=0.01, abort_early=True),
@@ -342,6 +354,8 @@ QUICK = {
     "boundary": dict(steps=5000),
     "ead_l1": dict(binary_search_steps=5, steps=300),
     "msd": dict(steps=50),
+    "autoattack_linf": dict(steps=10),  # torchattacks' own default
+    "autoattack_l2": dict(steps=10),
 }
 
 
@@ -352,7 +366,7 @@ def preset_params(preset: str, dataset: str | None = None, *, radii=None) -> dic
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     radii = _radii(dataset, radii)
-    changes = {} if preset == "paper" else QUICK
+    changes = {} if preset in ("paper", "autoattack") else QUICK
     table = {k: {**v, **changes.get(k, {})} for k, v in PAPER.items()}
     steps = table["pgd"]["steps"]
     paper_radii = dataset is not None and radii == RADII[dataset]
@@ -363,6 +377,8 @@ def preset_params(preset: str, dataset: str | None = None, *, radii=None) -> dic
         return out
     if preset == "pgd+apgd":
         return {**out, **{k: table[k] for k in APGD_KEYS}}
+    if preset == "autoattack":  # the leaderboards' protocol: AutoAttack alone, per norm (no l1 version)
+        return {k: table[k] for k in AUTOATTACK_KEYS}
     out.update({k: v for k, v in table.items() if k not in ("pgd", *APGD_KEYS)})
     out["msd"] = dict(alpha=alpha, **table["msd"])
     return {k: out[k] for k in CATALOGUE if k in out}

@@ -24,6 +24,8 @@ surrogate_check     (honesty)       PGD through other surrogates: margin loss, a
                                     soft vote, straight-through vote; per-example best of all
 honesty             (honesty)       reads the curve, the surrogates and the gradients for the
                                     signs of gradient masking
+clever_table        Fig. 1, A.6     CLEVER-u scores (l2, radius 2) of the summed logits, beside the
+                                    smallest l2 distance CW or l2 PGD found per image on that model
 ==================  ==============  ==============================================================
 
 :func:`dml_report` runs any of them on trained runs and :func:`render_markdown` lays them out
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from pyens.ensembles.consensus import ConsensusClassifier, SurrogateScores
-from pyens.eval.catalogue import AttackSpec, CWLadder, TorchattacksAttack, quick_alpha
+from pyens.eval.catalogue import CATALOGUE, AttackSpec, CWLadder, quick_alpha
 from pyens.eval.report import RobustnessReport, markdown_table
 from pyens.eval.robustness import evaluate, labelled, predict_labels
 
@@ -56,17 +58,25 @@ SETTINGS = {
     "resisc45": dict(small=0.015, large=0.031, strong=8 / 255, autoattack=(4 / 255, 8 / 255, 16 / 255),
                      curve=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255, 128 / 255)),
 }
-TABLES = ("table2", "transfer", "curve", "surrogates", "table5", "table6", "autoattack", "certified", "detection")
+TABLES = ("table2", "transfer", "curve", "surrogates", "table5", "table6", "autoattack", "certified", "detection",
+          "clever")
 # Attack budgets: "paper" as the paper's text says, "quick" cut to CPU size (every cut named here).
-# Sizes are caps on the report's n.
+# Sizes are caps on the report's n. CLEVER (Fig. 1): the DML paper gives no sampling settings;
+# "paper" takes Weng et al.'s N_b = 500 batches of N_s = 1024 and ART's pool factor 10.
 BUDGETS = {
     "paper": dict(cw_steps=200, table5_steps=1000, table5_n=100, table6_n=1000, autoattack_n=1000, certify_n=1000,
                   certify_n0=100, certify_images=1000, curve_n=1000, curve_long=100, surrogate_n=1000,
-                  surrogate_steps=40, cw_ladder_n=1000),
+                  surrogate_steps=40, cw_ladder_n=1000, clever_n=1000, clever_batches=500, clever_samples=1024,
+                  clever_pool=10),
     "quick": dict(cw_steps=200, table5_steps=200, table5_n=100, table6_n=200, autoattack_n=100, certify_n=500,
                   certify_n0=50, certify_images=100, curve_n=200, curve_long=100, surrogate_n=500,
-                  surrogate_steps=40, cw_ladder_n=100),
+                  surrogate_steps=40, cw_ladder_n=100, clever_n=100, clever_batches=20, clever_samples=15,
+                  clever_pool=4),
 }
+# CLEVER's l2 ball (Fig. 1 and A.6: radius 2 for every dataset).
+CLEVER_RADIUS = 2.0
+# l2 PGD at that radius beside the CW ladder: a second attack whose distances CLEVER must not exceed.
+CLEVER_PGD_STEPS = 100
 # Thresholds of the honesty check (accuracy points, in [0, 1]).
 MASKING = dict(large_eps_acc=0.10, monotone_slack=0.02, fgsm_beats_pgd=0.02, more_steps_gap=0.05,
                random_start_gap=0.10, surrogate_gap=0.05, transfer_gap=0.02, zero_grad_frac=0.01)
@@ -166,9 +176,11 @@ def cw_ladder_spec(cs: Sequence[float] = (1.0, 10.0, 100.0), steps: int = 200, l
 
 
 def autoattack_spec(eps: float, n: int | None = None) -> AttackSpec:
-    params = dict(norm="Linf", eps=eps, version="standard", seed=0)
-    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf",
-                      lambda model: TorchattacksAttack(model, "AutoAttack", **params), params, "linf", eps, n=n)
+    """The catalogue's linf AutoAttack at ``eps`` (torchattacks' default steps): its sub-attacks
+    get rows, and a randomized model (R-DML, AUG-DML) gets the ``rand`` version."""
+    params = dict(version="standard")
+    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf", CATALOGUE["autoattack_linf"].build(params, eps, None),
+                      {"eps": eps, **params}, "linf", eps, n=n, key="autoattack_linf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +582,54 @@ def transfer_between(source: nn.Module, target: nn.Module, x: torch.Tensor, y: t
 
 
 # ---------------------------------------------------------------------------------------------
+# CLEVER (Fig. 1, A.6)
+
+def clever_table(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radius: float = 2.0, batches: int = 50,
+                 samples: int = 20, pool: int = 5, cw_steps: int = 200, pgd_steps: int = 100,
+                 pgd_radii: Sequence[float] = (0.25, 0.5, 0.75, 1.0), batch_size: int = 250,
+                 seed: int = 0, dataset: str = "mnist", device="auto", name: str = "model",
+                 progress: bool = True) -> dict:
+    """Fig. 1 / A.6: CLEVER-u scores (:func:`pyens.eval.clever`, l2, ``radius``) of the
+    model that sums the members' logits, per image ``x`` ``[n, C, H, W]`` of label ``y`` ``[n]``,
+    beside the smallest l2 distance at which an attack changed the same model's top-1: the
+    report's minimum-norm attack (the CW ladder of :func:`cw_ladder_spec`, ``cw_steps`` per
+    constant) or l2 PGD (``pgd_steps``, random start) at each radius of ``pgd_radii`` (fractions
+    of ``radius``; its distance is the shortest of its successful runs, at most that run's radius).
+
+    CLEVER claims that no perturbation shorter than the score changes the decision; an image
+    whose score exceeds a distance an attack actually found (by more than float32 rounding: PGD
+    ends on the sphere of its radius, where a capped score sits) is ``flagged`` (the estimate is
+    visibly wrong there, e.g. from gradient masking). Returns per-image lists ``score`` (None:
+    zero gradient), ``distance`` (the smaller of the two; None: neither found one),
+    ``distance_cw``, ``distance_pgd``, ``flagged``, ``label``, and ``counts``
+    (:func:`pyens.eval.clever_score.counts`), ``found`` (correctly classified images with a
+    distance), ``flagged_count``, ``settings``.
+    """
+    from pyens.eval.catalogue import pgd_specs
+    from pyens.eval.clever_score import clever, counts
+
+    summed = vote_classifier(net).surrogate
+    res = clever(summed, x, y, norm="l2", radius=radius, batches=batches, samples=samples, pool=pool, seed=seed,
+                 details=True)
+    pgd = [next(s for s in pgd_specs(dataset, radii={"l2": f * radius}, steps=pgd_steps, random_start=True)
+                if s.norm == "l2") for f in pgd_radii]
+    rep = evaluate(summed, (x, y), attacks=[cw_ladder_spec(steps=cw_steps), *pgd], n=len(x), batch_size=batch_size,
+                   device=device, name=f"{name} (summed logits)", dataset=dataset, progress=progress, seed=seed)
+    cw = rep.attacks[0].distance.double()
+    pg = torch.stack([a.distance.double() for a in rep.attacks[1:]]).amin(0)
+    dist = torch.minimum(cw, pg)
+    found = torch.isfinite(dist) & rep.clean  # a misclassified image scores 0 and needs no attack
+    # NaN scores (zero gradient) are counted apart, never flagged
+    flagged = found & (res.score > dist * (1 + 1e-4))
+    nums = lambda t: [None if not math.isfinite(v) else round(v, 5) for v in t.tolist()]  # noqa: E731
+    return {"score": nums(res.score), "distance": nums(dist), "distance_cw": nums(cw), "distance_pgd": nums(pg),
+            "flagged": flagged.tolist(), "label": y.tolist(), "counts": counts(res.score), "found": int(found.sum()),
+            "flagged_count": int(flagged.sum()),
+            "settings": {**res.settings, "attacks": [a.name for a in rep.attacks], "images": len(x),
+                         "pgd_radii": [f * radius for f in pgd_radii]}}
+
+
+# ---------------------------------------------------------------------------------------------
 # the report
 
 def _pct(v) -> str:
@@ -635,6 +695,22 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
     if "detection" in tables:
         out["detection"] = timed("detection", lambda: {name: detection(net, x, y, eps=s["strong"])
                                                        for name, net in nets.items()})
+    if "clever" in tables:
+        k = min(n, b["clever_n"])
+        sampling = dict(batches=b["clever_batches"], samples=b["clever_samples"], pool=b["clever_pool"])
+        models = timed("clever", lambda: {
+            name: clever_table(net, x[:k], y[:k], radius=CLEVER_RADIUS, cw_steps=b["cw_steps"],
+                               pgd_steps=CLEVER_PGD_STEPS, name=name, **sampling, **common)
+            for name, net in nets.items()})
+        paper = BUDGETS["paper"]
+        ours = dict(clever_n=k, clever_batches=sampling["batches"], clever_samples=sampling["samples"],
+                    clever_pool=sampling["pool"], cw_steps=b["cw_steps"])
+        label = dict(clever_n="images", clever_batches="batches", clever_samples="samples", clever_pool="pool",
+                     cw_steps="CW steps")
+        reductions = [f"{label[key]} {v} (paper preset {paper[key]})" for key, v in ours.items() if v < paper[key]]
+        out["clever"] = {"radius": CLEVER_RADIUS, "images": k, **sampling, "cw_steps": b["cw_steps"],
+                         "pgd_steps": CLEVER_PGD_STEPS,
+                         "reductions": reductions, "models": models}
     if "curve" in tables:
         out["curve"] = timed("curve", lambda: {
             name: distortion_curve(net, data, eps_grid=b.get("curve_eps"), n=min(n, b["curve_n"]),
@@ -739,6 +815,28 @@ def _detection_md(tables: dict) -> str:
     return markdown_table(header, body)
 
 
+def _clever_md(section: dict, flagged_rows: int = 20) -> str:
+    models = section["models"]
+    header = ["Model", "images", "non-zero", ">= 0.2", ">= 1.0", f">= {section['radius']:g} (cap)", "zero gradient",
+              "attacks found (correct images)", "CLEVER > distance found"]
+    body = []
+    for name, t in models.items():
+        c = t["counts"]
+        share = f"{t['flagged_count']} ({_pct(t['flagged_count'] / t['found']) if t['found'] else '-'} % of found)"
+        body.append([name, str(c["n"]), str(c["non_zero"]), str(c["0.2"]), str(c["1"]),
+                     str(c[f"{section['radius']:g}"]), str(c["nan"]), str(t["found"]), share])
+    lines = [markdown_table(header, body)]
+    dist = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [[name, str(i), str(t["label"][i]), f"{t['score'][i]:.3f}", dist(t["distance_cw"][i]),
+             dist(t["distance_pgd"][i])]
+            for name, t in models.items() for i, bad in enumerate(t["flagged"]) if bad]
+    if rows:
+        more = f" (first {flagged_rows} of {len(rows)})" if len(rows) > flagged_rows else ""
+        lines += [f"Images where CLEVER exceeds the l2 distance of an adversarial example found{more}:\n",
+                  markdown_table(["Model", "image", "label", "CLEVER", "CW l2", "PGD l2"], rows[:flagged_rows])]
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict) -> str:
     """The report's tables in the paper's layouts (accuracies in %)."""
     ds, n = report["dataset"], report["n"]
@@ -764,6 +862,21 @@ def render_markdown(report: dict) -> str:
         parts += ["### Certified accuracy of the smoothed vote (A.9)\n", _certified_md(report["certified"])]
     if "detection" in report:
         parts += ["### Adversary detection (A.4, A.5.1)\n", _detection_md(report["detection"])]
+    if "clever" in report:
+        c = report["clever"]
+        cut = ("; reduced from the paper preset: " + ", ".join(c["reductions"])) if c["reductions"] else ""
+        parts += [("### CLEVER scores (Fig. 1, A.6)\n\nCLEVER-u (Weng et al. 2018) of the summed member logits "
+                   f"in the l2 ball of radius {c['radius']:g}, first {c['images']} images: {c['batches']} batches "
+                   f"of {c['samples']} gradient norms drawn from {c['pool'] * c['samples']} points per image "
+                   f"(pool {c['pool']}), reverse Weibull fit{cut}. Misclassified images score 0. CLEVER estimates "
+                   "a local Lipschitz bound; it is not a certificate, and gradient masking inflates it "
+                   f"(Goodfellow 2018). Beside it: the smallest l2 distance at which the CW ladder ({c['cw_steps']} "
+                   f"steps per constant) or l2 PGD ({c['pgd_steps']} steps, random start, at eps "
+                   f"{', '.join(f'{e:g}' for e in next(iter(c['models'].values()))['settings']['pgd_radii'])}), both "
+                   "crafted on and judged by the same summed logits, found an adversarial example; the last column "
+                   "counts the images where CLEVER's score exceeds that distance, i.e. is visibly wrong. "
+                   "Figure: dml_clever.png.\n"),
+                  _clever_md(c)]
     if "curve" in report:
         parts += ["### Distortion-accuracy curve (Fig. 18)\n", _curve_md(report["curve"])]
     if "surrogates" in report:
@@ -807,7 +920,8 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
                    budget: str | dict = "quick", out: str | Path | None = None, device="auto", progress: bool = True,
                    merge: bool = False, log=print) -> dict:
     """``pyens dml-report``: evaluate trained runs (DML and baseline ensembles) and write
-    ``dml_report.json``, ``dml_report.md`` and, with the curve, ``dml_curve.png`` into ``out``
+    ``dml_report.json``, ``dml_report.md`` and, with the curve, ``dml_curve.png`` (with CLEVER,
+    ``dml_clever.png``) into ``out``
     (default: the first run's directory). ``merge``: add these tables to an existing
     ``dml_report.json`` of the same models and images (tables can be run separately)."""
     import json
@@ -848,7 +962,12 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
     (out_dir / "dml_report.md").write_text(md)
     if "curve" in report:
         plot_curves(report, out_dir / "dml_curve.png")
+    if "clever" in report:
+        from pyens.eval.plots import plot_clever
+
+        plot_clever(report["clever"], out_dir / "dml_clever.png")
     log(md)
-    png = " and dml_curve.png" if "curve" in report else ""
+    png = "".join(f" and {f}" for key, f in (("curve", "dml_curve.png"), ("clever", "dml_clever.png"))
+                  if key in report)
     log(f"dml-report: written to {out_dir}/dml_report.{{json,md}}{png}")
     return report

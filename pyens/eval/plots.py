@@ -8,6 +8,8 @@ legend, so it reads without the code.
 - :func:`plot_cross_gradient` (Fig. 1), :func:`plot_disagreement` (Fig. 4): per-epoch
   diagnostics from ``metrics.jsonl``.
 - :func:`plot_cosine`: histograms of the members' gradient cosine similarities (DML Figs. 9-11).
+- :func:`plot_clever`: histogram of non-zero CLEVER scores per model (DML Fig. 1, A.6) and the
+  scores against the smallest l2 distance CW found.
 """
 from __future__ import annotations
 
@@ -162,3 +164,32 @@ def plot_cosine(cosines: dict[str, dict], path: str | Path, norms: dict[str, lis
             _decorate(ax, f"{label}: {what}", "cosine similarity between two members", "examples")
     fig.suptitle("Cosine similarity of the members' input gradients, per example (DML paper Figs. 9-11)")
     return _save(fig, path)
+
+
+def plot_clever(section: dict, path: str | Path, bins: int = 20) -> Path:
+    """DML Fig. 1 / A.6: left, histograms of the non-zero CLEVER scores of each model (the
+    ``"clever"`` section of a DML report); right, each image's score against the smallest l2
+    distance an attack found for it (points above the diagonal: CLEVER exceeds a real adversarial
+    distance). Images no attack found anything for are drawn at the right edge."""
+    plt = _pyplot()
+    radius = section["radius"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    found_max = [d for t in section["models"].values() for d in t["distance"] if d is not None]
+    edge = max([radius, *found_max]) * 1.05
+    for name, t in section["models"].items():
+        scores = [s for s in t["score"] if s is not None and s > 0]
+        left.hist(scores, bins=bins, range=(0, radius), alpha=0.55, label=f"{name} ({len(scores)} non-zero)")
+        pts = [(edge if d is None else d, s) for s, d in zip(t["score"], t["distance"]) if s is not None]
+        right.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, alpha=0.6,
+                      label=f"{name} ({t['flagged_count']} above the diagonal)")
+    right.plot([0, radius], [0, radius], "k--", lw=1, label="CLEVER = distance found")
+    right.axvline(edge, ls=":", c="gray", label="no attack found one")
+    images = section["images"]
+    _decorate(left, f"Non-zero CLEVER scores, first {images} images (DML Fig. 1)",
+              f"CLEVER score ({NORM_TEX['l2']}, radius {radius:g}, summed logits)", "images")
+    _decorate(right, "CLEVER vs smallest adversarial distance found",
+              f"smallest {NORM_TEX['l2']} distance found (CW ladder, PGD)", "CLEVER score")
+    right.legend(fontsize=8, loc="lower right")
+    right.set_xlim(0, edge * 1.03)
+    return _save(fig, path)
+

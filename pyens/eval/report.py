@@ -48,6 +48,8 @@ class AttackResult:
         attacked: ``[n]`` bool, the examples the attack ran on (None: all of them).
         note: how this run differs from the paper's preset (shown in the report).
         key: the catalogue key of the attack (``""`` for attacks from elsewhere).
+        parent: for a sub-attack row (AutoAttack's APGD-CE, ...), the row it belongs to.
+        broken_by: for AutoAttack, per example the sub-attack that broke it (None: unbroken).
     """
 
     name: str
@@ -62,6 +64,8 @@ class AttackResult:
     attacked: torch.Tensor | None = None
     note: str = ""
     key: str = ""
+    parent: str = ""
+    broken_by: list | None = None
 
     @property
     def partial(self) -> bool:
@@ -75,6 +79,10 @@ class AttackResult:
             d["distance"] = [v if math.isfinite(v) else None for v in self.distance.tolist()]
         if self.attacked is not None:
             d["attacked"] = self.attacked.int().tolist()
+        if self.parent:
+            d["parent"] = self.parent
+        if self.broken_by is not None:
+            d["broken_by"] = self.broken_by
         return d
 
     @classmethod
@@ -84,7 +92,8 @@ class AttackResult:
         return cls(a["name"], a["group"], torch.tensor(a["correct"], dtype=torch.bool), a.get("params", {}),
                    a.get("seconds", 0.0), a.get("kind", "white-box"), a.get("norm"), a.get("eps"),
                    None if dist is None else torch.tensor([math.inf if v is None else v for v in dist]),
-                   None if att is None else torch.tensor(att, dtype=torch.bool), a.get("note", ""), a.get("key", ""))
+                   None if att is None else torch.tensor(att, dtype=torch.bool), a.get("note", ""), a.get("key", ""),
+                   a.get("parent", ""), a.get("broken_by"))
 
 
 @dataclass
@@ -175,7 +184,7 @@ class RobustnessReport:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            from pyens.training.checkpoint import atomic_write_text
+            from pyens._files import atomic_write_text
 
             atomic_write_text(text, path)  # a later evaluation reads it back as its cache
         return text

@@ -9,11 +9,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pyens.eval.autoattack import for_randomized, sub_results
 from pyens.eval.catalogue import DEFAULT_PRESET, NO_RADII, PRESETS, AttackSpec, preset_attacks
 from pyens.eval.report import AttackResult, RobustnessReport
 
 # Relative and absolute slack on the radius check: float32 rounding of a projected perturbation.
 EPS_RTOL, EPS_ATOL = 1e-4, 1e-5
+
+
+def library_versions() -> dict:
+    """Versions of pyens and the attack libraries (None: not installed), kept in every report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import pyens
+
+    out = {"pyens": pyens.__version__, "torch": torch.__version__}
+    for lib in ("torchattacks", "foolbox"):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 def lp_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -141,6 +157,9 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
         A :class:`RobustnessReport` with per-example results (and per-example distances).
         An attack succeeds on an example only if the model misclassifies its output AND the
         output lies within the spec's radius (minimum-norm attacks are judged this way).
+        An AutoAttack row is followed by one row per sub-attack, whose union it is, and a
+        randomized model gets AutoAttack's rand version (:mod:`pyens.eval.autoattack`).
+        ``meta`` records the library versions, the example indices and the seed.
     """
     for arg, v in (("n", n), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -163,6 +182,8 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
     device = resolve_device(device, "device")
     predict, attack_model = targets(model, surrogate)
     predict, attack_model = predict.to(device).eval(), attack_model.to(device).eval()
+    # A random model's AutoAttack is the rand version (EOT); judged on a few of the examples.
+    specs, randomized = for_randomized(specs, attack_model, x_all[:8].to(device))
     count = len(x_all)
     done = {a.name: a for a in (resume.attacks if resume is not None and resume.n == count else [])}
     todo = [s for s in specs if not (s.name in done and _same(done[s.name], s, count))]
@@ -185,7 +206,8 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
                 bar.update(1)
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    meta = {"dataset": ds_name, "n": count, "device": str(device), "torch": torch.__version__, "seed": seed}
+    meta = {"dataset": ds_name, "n": count, "device": str(device), "torch": torch.__version__, "seed": seed,
+            "versions": library_versions(), "examples": list(range(count)), "randomized": randomized}
     if eps is not None:
         from pyens.eval.catalogue import NORMS, resolve_radii
 
@@ -194,6 +216,10 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
     try:
         (report.clean,) = batched(lambda x, y: [predict_labels(predict, x) == y], count)
         results = {s.name: done[s.name] for s in specs if id(s) not in run_ids}  # reused, saved from the start
+        subrows = {s.name: [a for a in done.values() if a.parent == s.name] for s in specs if id(s) not in run_ids}
+
+        def ordered() -> list[AttackResult]:  # each attack, then its sub-attack rows (AutoAttack's)
+            return [r for s in specs if s.name in results for r in [results[s.name], *subrows.get(s.name, [])]]
         for spec in specs:
             if id(spec) not in run_ids:
                 continue
@@ -212,10 +238,12 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
                     return [~wrong, torch.where(wrong, 0.0, torch.inf)]
                 dist = lp_norm((x_adv - x).float(), spec.norm)
                 inside = torch.ones_like(wrong) if spec.eps is None else dist <= spec.eps * (1 + EPS_RTOL) + EPS_ATOL
-                return [~(wrong & inside), torch.where(wrong, dist, torch.inf)]
+                # AutoAttack (AutoAttackDetail) says which of its sub-attacks made each output.
+                extra = [atk.broken_by] if getattr(atk, "broken_by", None) is not None else []
+                return [~(wrong & inside), torch.where(wrong, dist, torch.inf), *extra]
 
             t0 = time.perf_counter()
-            correct, dist = batched(run, m)
+            correct, dist, *extra = batched(run, m)
             attacked = None
             if m < count:  # the rest were never attacked: correct (robust) by convention, distance inf
                 attacked = torch.arange(count) < m
@@ -223,10 +251,13 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
                 dist = torch.cat([dist, torch.full((count - m,), torch.inf)])
             results[spec.name] = AttackResult(spec.name, spec.group, correct, spec.params, time.perf_counter() - t0,
                                               spec.kind, spec.norm, spec.eps, dist, attacked, spec.note, spec.key)
-            report.attacks = [results[s.name] for s in specs if s.name in results]
+            if extra:
+                broken_by = torch.cat([extra[0], torch.full((count - m,), -1, dtype=torch.int64)])
+                subrows[spec.name] = sub_results(results[spec.name], broken_by, atk.sub_attacks, atk.sub_params)
+            report.attacks = ordered()
             if on_result is not None:
                 on_result(report)
-        report.attacks = [results[s.name] for s in specs]
+        report.attacks = ordered()
     finally:
         if bar is not None:
             bar.close()

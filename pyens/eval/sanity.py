@@ -108,7 +108,8 @@ def blackbox_not_stronger(report: RobustnessReport | None, tol: float = TOL) -> 
     bad, compared = [], []
     for group, names in report.groups().items():
         white = [a for a in report.attacks if a.name in names and a.kind == "white-box"]
-        for b in (a for a in report.attacks if a.name in names and a.kind == "black-box"):
+        # A sub-attack row (AutoAttack's Square) is part of its parent's row: compared through it.
+        for b in (a for a in report.attacks if a.name in names and a.kind == "black-box" and not a.parent):
             if not white:
                 continue
             on = torch.ones_like(report.clean) if b.attacked is None else b.attacked
@@ -169,3 +170,17 @@ def run_checks(report: RobustnessReport | None = None, curves: Curves | None = N
 def flagged(checks: list[Check]) -> bool:
     """True if any check failed: the evaluation may be fooled by gradient masking."""
     return any(c.passed is False for c in checks)
+
+
+def precision_agrees(acc32: float, acc_low: float, n: int, what: str, tol: float = TOL) -> Check:
+    """The same attack on the model in float32 and under autocast (``what``: ``"PGD linf 0.3,
+    20 steps, bf16"``): low precision can round gradients away (vanishing or quantised input
+    gradients), so a robust accuracy higher there than in float32 (by more than ``max(tol,
+    3 / n)``) is flagged."""
+    t = _tol(n, tol)
+    ok = acc_low <= acc32 + t
+    return Check("low precision not more robust than float32", ok,
+                 f"{what} on {n} examples: {100 * acc32:.1f}% in float32, {100 * acc_low:.1f}% in low precision, "
+                 f"tolerance {100 * t:.1f} points",
+                 [] if ok else [f"{100 * acc_low:.1f}% under low precision > {100 * acc32:.1f}% in float32"],
+                 acc_low - acc32)
