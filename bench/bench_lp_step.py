@@ -37,18 +37,14 @@ import torch
 from bench import peers
 from bench._env import device_name
 from bench.conftest import bench_device
-
-NORMS = ("linf", "l2", "l1")
+from pyens.papers import MEMBER_NORMS, NORMS, PAPER_ALPHA, PAPER_EPS
 K = 20
 BYTES_PER_ELEMENT = 16  # float32: read x, delta, grad; write delta
 DTYPE = torch.float32
 
 # The papers' hyperparameters (MAT paper, Appendix C: eps, alpha, k = 20).
-HYPER = {
-    "mnist": {"eps": {"linf": 0.3, "l2": 2.0, "l1": 10.0}, "alpha": {"linf": 0.01, "l2": 0.1, "l1": 0.8}},
-    "cifar": {"eps": {"linf": 0.03, "l2": 0.5, "l1": 12.0}, "alpha": {"linf": 0.003, "l2": 0.02, "l1": 1.0}},
-}
-MAT_NORMS = ("l1", "l2", "linf")  # member m of the MAT layout is attacked in MAT_NORMS[m]
+HYPER = {name: {"eps": PAPER_EPS[d], "alpha": PAPER_ALPHA[d]} for name, d in (("mnist", "mnist"), ("cifar", "cifar10"))}
+MAT_NORMS = MEMBER_NORMS  # member m of the MAT layout is attacked in MAT_NORMS[m]
 PEER_PROJECTION = {"linf": "exact", "l2": "sequential", "l1": "exact"}
 
 

@@ -101,7 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, "--device")
     b, n = args.batch, 784
-    norms, eps, alpha = ("l1", "l2", "linf"), (10.0, 2.0, 0.3), (0.8, 0.1, 0.01)  # MNIST, Appendix C
+    from pyens.papers import MEMBER_NORMS as norms, PAPER_ALPHA, PAPER_EPS
+
+    eps, alpha = (tuple(t["mnist"][p] for p in norms) for t in (PAPER_EPS, PAPER_ALPHA))  # MNIST, Appendix C
     x = torch.rand(b, 3, n, device=device)
     w = torch.randn(3, n, device=device)  # a fixed linear "loss" whose input gradient is w
     print(f"MAT inner step, B={b}, M=3 {norms}, n={n}, {args.steps} steps, device {device}")

@@ -43,11 +43,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# MAT paper radii (Appendix C) per dataset: (linf, l2, l1).
-RADII = {"mnist": (0.3, 2.0, 10.0), "cifar10": (0.03, 0.5, 12.0), "resisc45": (0.03, 0.5, 12.0)}
-# The paper's PGD step sizes (Appendix C.1, also used at test time): (linf, l2, l1).
-PAPER_ALPHA = {"mnist": (0.01, 0.1, 0.8), "cifar10": (0.003, 0.02, 1.0), "resisc45": (0.003, 0.02, 1.0)}
-NORMS = ("linf", "l2", "l1")
+from pyens.papers import NORMS, RADII  # per dataset: (linf, l2, l1), MAT paper App. C
+from pyens.papers import PAPER_ALPHA_TRIPLES as PAPER_ALPHA  # the paper's PGD steps, same order
+
 PRESETS = ("paper", "quick", "pgd", "pgd+apgd", "autoattack")
 AUTOATTACK_KEYS = ("autoattack_linf", "autoattack_l2")
 APGD_KEYS = ("apgd_ce_linf", "apgd_t_linf", "apgd_ce_l2", "apgd_t_l2")

@@ -18,19 +18,7 @@ from pathlib import Path
 
 from pyens.nn._checks import probability
 
-NORMS = ("linf", "l2", "l1")
-
-# MAT paper, Appendix C.1 (training) — keyed by dataset, then norm.
-PAPER_EPS = {
-    "mnist": {"linf": 0.3, "l2": 2.0, "l1": 10.0},
-    "cifar10": {"linf": 0.03, "l2": 0.5, "l1": 12.0},
-    "resisc45": {"linf": 0.03, "l2": 0.5, "l1": 12.0},  # no paper value: CIFAR's radii
-}
-PAPER_ALPHA = {
-    "mnist": {"linf": 0.01, "l2": 0.1, "l1": 0.8},
-    "cifar10": {"linf": 0.003, "l2": 0.02, "l1": 1.0},
-    "resisc45": {"linf": 0.003, "l2": 0.02, "l1": 1.0},
-}
+from pyens.papers import NORMS, PAPER_ALPHA, PAPER_EPS  # noqa: F401  (re-exported: configs' radii)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("triangular", "three_phase", "constant")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_NORMS = ("l1", "l2", "linf")
+from pyens.papers import MEMBER_NORMS as DEFAULT_NORMS  # member m is attacked in DEFAULT_NORMS[m]
 
 
 @dataclass
