@@ -34,15 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
+from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, STEP
+
 __all__ = ["MAX_N", "lp_rows"]
 
 #: Longest row a program holds on chip.  Beyond it the row no longer fits a program's
 #: registers (it spills already well before), so the op must pick another backend.
 MAX_N = 65536
 
-LINF, L2, L1 = 0, 1, 2
-PROJECT, DIRECTION, STEP = 0, 1, 2
-_BAD_DELTA, _BAD_GRAD, _BAD_X = 1, 2, 4
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from pyens.kernels.lp_step import _div, _sqrt
-from pyens.reference.mahalanobis import DIAG, TRIL, acc_dtype, dense_factor, transformed
+from pyens.ops.contract import DIAG, TRIL, acc_dtype
+from pyens.reference.mahalanobis import dense_factor, transformed
 
 CLOSE = 0.0625  # kClose of csrc/mahalanobis.h: pairs closer than this (relative) are recomputed
 

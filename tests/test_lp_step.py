@@ -12,11 +12,11 @@ from hypothesis import given, settings, strategies as st
 import pyens
 from pyens.ops import lp_project, lp_step, steepest_direction, use_backend
 from pyens.ops._backend import forget_choices
+from pyens.ops.contract import L1, L2, LINF
 from pyens.ops.selftest import make_rows  # rows with the hard cases built in
 from pyens.reference.lp_step import lp_rows as reference_rows
 from tests.conftest import TOLERANCES, assert_close, backend_params
 
-LINF, L2, L1 = 0, 1, 2
 PAPER = {LINF: (0.3, 0.01), L2: (2.0, 0.1), L1: (10.0, 0.8)}  # MNIST eps, alpha (Appendix C)
 
 

@@ -21,7 +21,7 @@ import torch
 from pyens.nn._checks import integer_labels
 from pyens.ops import lp_project, lp_step
 from pyens.ops.lp_step import norm_code
-from pyens.reference.lp_step import L1, L2, LINF
+from pyens.ops.contract import L1, L2, LINF
 
 NORM_NAMES = {LINF: "linf", L2: "l2", L1: "l1"}  # norm code -> canonical name
 PROJECTIONS = ("exact", "sequential")

@@ -30,7 +30,8 @@ from typing import Sequence, Union
 import torch
 
 from pyens.ops._backend import Kernel, Op, register_op
-from pyens.reference.lp_step import DIRECTION, L1, L2, LINF, PROJECT, STEP
+from pyens.ops.checks import count_arg, real_arg
+from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, STEP
 
 Norm = Union[str, float, int]
 _NORMS = {"linf": LINF, "inf": LINF, "l2": L2, "2": L2, "l1": L1, "1": L1}
@@ -107,33 +108,6 @@ def _as_list(v, m: int, name: str) -> list:
     return [v] * m
 
 
-def _real(v, name: str, *, allow_inf: bool) -> float:
-    if type(v) is float and 0.0 <= v and (allow_inf or v != math.inf):  # the common case, fast
-        return v
-    if isinstance(v, torch.Tensor) and v.dim() == 0:
-        v = v.item()
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    try:
-        v = float(v)
-    except OverflowError:  # an int beyond the float range: an infinite radius or step
-        v = math.inf if v > 0 else -math.inf
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
-def _k(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    # k beyond int64 (the kernels' int[] schema) means the same as any k longer than the row.
-    return min(int(v), 2**63 - 1)
-
-
 def member_params(norm, eps=0.0, alpha=0.0, k=20, members: int | None = None):
     """Expand scalar-or-sequence parameters to M-long lists; M = 0 means no member dimension."""
     if torch.compiler.is_compiling():  # Dynamo need not trace the cache: parse directly
@@ -194,9 +168,9 @@ def _member_params(norm, eps, alpha, k, members):
     width = max(m, 1)
     sfx = (lambda i: f"[{i}]") if m else (lambda i: "")
     norms = [norm_code(v, f"norm{sfx(i)}") for i, v in enumerate(_as_list(norm, width, "norm"))]
-    epss = [_real(v, f"eps{sfx(i)}", allow_inf=True) for i, v in enumerate(_as_list(eps, width, "eps"))]
-    alphas = [_real(v, f"alpha{sfx(i)}", allow_inf=False) for i, v in enumerate(_as_list(alpha, width, "alpha"))]
-    ks = [_k(v, f"k{sfx(i)}") for i, v in enumerate(_as_list(k, width, "k"))]
+    epss = [real_arg(v, f"eps{sfx(i)}", allow_inf=True) for i, v in enumerate(_as_list(eps, width, "eps"))]
+    alphas = [real_arg(v, f"alpha{sfx(i)}", allow_inf=False) for i, v in enumerate(_as_list(alpha, width, "alpha"))]
+    ks = [count_arg(v, f"k{sfx(i)}") for i, v in enumerate(_as_list(k, width, "k"))]
     return m, norms, epss, alphas, ks
 
 

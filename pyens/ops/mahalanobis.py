@@ -33,9 +33,8 @@ from typing import Optional
 import torch
 
 from pyens.ops._backend import Kernel, Op, register_op
-from pyens.ops.lp_step import _k as _positive_int
-from pyens.ops.lp_step import _real
-from pyens.reference.mahalanobis import FORMS, acc_dtype
+from pyens.ops.checks import count_arg, real_arg
+from pyens.ops.contract import FORMS, acc_dtype
 
 _SEED_LIMIT = 2**63
 
@@ -134,7 +133,7 @@ def check_inputs(fn: str, x, P, centers, form: str) -> None:
 
 
 def _eps(eps, fn: str) -> float:
-    return _real(eps, f"{fn}: eps", allow_inf=False)
+    return real_arg(eps, f"{fn}: eps", allow_inf=False)
 
 
 def _seed(seed, fn: str) -> torch.Tensor:
@@ -150,7 +149,7 @@ def _noise(noise, samples, x, centers, fn: str) -> tuple[Optional[torch.Tensor],
     if noise is None:
         if samples is None:
             raise ValueError(f"{fn}: samples is required when no noise is given")
-        return None, _positive_int(samples, f"{fn}: samples")
+        return None, count_arg(samples, f"{fn}: samples")
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"{fn}: noise must be a floating-point torch.Tensor, got "
                         f"{getattr(noise, 'dtype', type(noise).__name__)}")
@@ -160,7 +159,7 @@ def _noise(noise, samples, x, centers, fn: str) -> tuple[Optional[torch.Tensor],
     if noise.device != x.device:
         raise ValueError(f"{fn}: noise must be on x's device {x.device}, got {noise.device}")
     T = noise.shape[0]
-    if samples is not None and _positive_int(samples, f"{fn}: samples") != T:
+    if samples is not None and count_arg(samples, f"{fn}: samples") != T:
         raise ValueError(f"{fn}: samples={samples} but noise holds {T} samples")
     return noise.detach(), T
 
@@ -385,7 +384,7 @@ def randomized_mahalanobis(x: torch.Tensor, P: torch.Tensor, centers: torch.Tens
     code = _form(form, fn)
     check_inputs(fn, x, P, centers, form)
     eps = _eps(eps, fn)
-    sigma = _real(sigma, f"{fn}: sigma", allow_inf=False)
+    sigma = real_arg(sigma, f"{fn}: sigma", allow_inf=False)
     noise, T = _noise(noise, samples, x, centers, fn)
     seed_t = _seed(seed, fn) if noise is None else torch.zeros((), dtype=torch.int64)
     if torch.compiler.is_compiling():

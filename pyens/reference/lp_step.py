@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import torch
 
-LINF, L2, L1 = 0, 1, 2
-PROJECT, DIRECTION, STEP = 0, 1, 2
+from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, STEP  # noqa: F401  (the op's codes)
+from pyens.ops.contract import acc_dtype as _acc_dtype
+
 _BISECT_STEPS = 100  # float64 halves [0, 1] to below any representable gap
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_row(values, rows: int, dtype, device) -> torch.Tensor:

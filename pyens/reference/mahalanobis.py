@@ -26,14 +26,7 @@ from __future__ import annotations
 
 import torch
 
-DIAG, TRIL, FULL = 0, 1, 2
-FORMS = {"diag": DIAG, "tril": TRIL, "full": FULL}
-FORM_NAMES = {v: k for k, v in FORMS.items()}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from pyens.ops.contract import DIAG, FORM_NAMES, FORMS, FULL, TRIL, acc_dtype  # noqa: F401  (the op's forms)
 
 
 def dense_factor(P: torch.Tensor, form: int) -> torch.Tensor:
