@@ -336,7 +336,7 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
 
     from pyens.eval import format_table
     from pyens.eval.catalogue import preset_attacks
-    from pyens.eval.reporting import evaluate_run
+    from pyens.eval.run_report import evaluate_run
     from pyens._files import atomic_write_text
 
     device = _check_eval_flags(args)
@@ -403,7 +403,7 @@ def _trained(run_dir) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     import shlex
 
-    from pyens.eval.reporting import Settings, report_runs
+    from pyens.eval.run_report import Settings, report_runs
     from pyens.training.distributed import resolve_device
 
     params, subsets = {}, {}

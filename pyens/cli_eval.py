@@ -79,7 +79,7 @@ def _earlier(path: Path, info: dict, args: argparse.Namespace):
     """The report saved in ``path`` by an earlier run of the same model (same file hashes,
     arguments, normalisation), data, precision and seed: its attacks with unchanged
     parameters are reused (``pyens.evaluate(resume=)``); None when there is none."""
-    from pyens.eval.report import RobustnessReport
+    from pyens.eval.results import RobustnessReport
 
     if not path.is_file():
         return None
@@ -116,7 +116,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
         parse_resize,
         summary,
     )
-    from pyens.eval.report import format_table
+    from pyens.eval.results import format_table
     from pyens.eval.robustness import evaluate, labelled
     from pyens.eval.sanity import MASKING
     from pyens.eval.threats import threat_model, threat_specs
@@ -175,7 +175,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
 
 
 def _markdown(report, checks) -> str:
-    from pyens.eval.report import format_table, markdown_table
+    from pyens.eval.results import format_table, markdown_table
 
     m = report.meta
     lines = [f"# {report.model}", "", f"Model: `{m['source']['model']}`"

@@ -119,7 +119,7 @@ def test_one_number_for_several_norms_is_an_error_showing_the_per_norm_syntax(tm
 
 def test_evaluate_defaults_to_pyens_evals_preset_and_auto_device():
     from pyens.eval import evaluate
-    from pyens.eval.reporting import Settings, evaluate_run
+    from pyens.eval.run_report import Settings, evaluate_run
     from pyens.training import load_run
 
     ev = _subparsers()["eval"]
@@ -132,7 +132,7 @@ def test_evaluate_defaults_to_pyens_evals_preset_and_auto_device():
 
 def test_pyens_eval_and_evaluate_build_the_same_attacks(tmp_path, monkeypatch):
     """`pyens eval` and `pyens.evaluate(attacks="pgd+apgd")` go through one function."""
-    from pyens.eval import reporting
+    from pyens.eval import run_report
     from pyens.eval.robustness import resolve_attacks
 
     seen = {}
@@ -141,7 +141,7 @@ def test_pyens_eval_and_evaluate_build_the_same_attacks(tmp_path, monkeypatch):
         seen["specs"] = attacks("mnist")
         raise KeyboardInterrupt  # stop here: nothing to evaluate
 
-    monkeypatch.setattr(reporting, "evaluate_run", fake_evaluate_run)
+    monkeypatch.setattr(run_report, "evaluate_run", fake_evaluate_run)
     for argv, kwargs in ((["eval", "run"], {}), (["eval", "run", "--steps", "7", "--restarts", "2"],
                                                   dict(steps=7, restarts=2))):
         assert main(argv) == 130

@@ -220,7 +220,7 @@ def test_pyens_report_on_a_tiny_mat_run_and_on_a_saved_evaluation(tmp_path):
     saved = tmp_path / "saved"  # a saved evaluation alone: reported without the model
     saved.mkdir()
     (saved / "eval.json").write_text((out / "data" / "tiny-mat" / "eval.json").read_text())
-    from pyens.eval.reporting import Settings, report_runs
+    from pyens.eval.run_report import Settings, report_runs
 
     path = report_runs([saved], tmp_path / "again", Settings(progress=False))
     assert "| Attack | saved |" in path.read_text()

@@ -8,7 +8,7 @@ from torch import nn
 
 import pyens.attacks
 from pyens.eval import AttackResult, RobustnessReport, format_table
-from pyens.eval.report import markdown_table
+from pyens.eval.results import markdown_table
 from pyens.eval.transfer import TransferReport, members_of, submodel_table, transfer_matrix, transfer_tables
 
 t = lambda *v: torch.tensor(v, dtype=torch.bool)  # noqa: E731

@@ -29,7 +29,7 @@ case $area in
     # the subprocess tests (DDP, CLI train, the main job, resume) kill nothing the others miss and cost minutes
     args='["-p", "no:cacheprovider", "-q", "-x", "-k", "not ddp and not cli_train and not main_job and not eval_recovers and not resume_continues"]' ;;
   eval)      # the robustness and transfer reports: ~800 mutants, ~7 min
-    mutate='["pyens/eval/report.py", "pyens/eval/transfer.py"]'
+    mutate='["pyens/eval/results.py", "pyens/eval/transfer.py"]'
     tests='["tests/test_eval.py", "tests/test_eval_suite.py", "tests/test_mut_report_transfer.py"]'
     args='["-p", "no:cacheprovider", "-q", "-k", "not pyens_report and not curves_and_plots and not sanity_checks"]' ;;
   *) echo "unknown area $area; expected attacks, training, eval or all" >&2; exit 2 ;;

@@ -16,7 +16,7 @@ from pyens.eval.catalogue import (
     resolve_radii,
 )
 from pyens.eval.clever_score import CleverResult, clever
-from pyens.eval.report import AttackResult, RobustnessReport, format_table
+from pyens.eval.results import AttackResult, RobustnessReport, format_table
 from pyens.eval.robustness import evaluate, lp_norm, targets
 
 __all__ = ["CATALOGUE", "DEFAULT_PRESET", "PAPER_ALPHA", "PRESETS", "RADII", "AttackResult", "AttackSpec",

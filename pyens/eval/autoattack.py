@@ -167,7 +167,7 @@ def sub_results(parent, broken_by: torch.Tensor, names: list[str], params: list[
     no sub-attack fooled in the cascade, a fresh draw: that example has no sub-attack.)
     ``parent.broken_by`` is set to the per-example sub-attack names (None: unbroken).
     """
-    from pyens.eval.report import AttackResult
+    from pyens.eval.results import AttackResult
 
     broken = ~parent.correct if parent.attacked is None else ~parent.correct & parent.attacked
     parent.broken_by = [names[i] if b and i >= 0 else None for b, i in zip(broken.tolist(), broken_by.tolist())]

@@ -6,7 +6,7 @@ an s-step run with the same step size) and versus the radius (one PGD run per ra
 size scaled with the radius); robust accuracy under random noise of the same norm and radius;
 and robust accuracy under an unbounded attack (linf PGD over the whole box), which any model
 must fail. Distortion-accuracy curves of minimum-norm attacks come from the per-example
-distances a :class:`~pyens.eval.report.RobustnessReport` keeps (:func:`distortion_curve`).
+distances a :class:`~pyens.eval.results.RobustnessReport` keeps (:func:`distortion_curve`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pyens.eval.catalogue import NORMS, preset_params, quick_alpha, resolve_radii
-from pyens.eval.report import RobustnessReport
+from pyens.eval.results import RobustnessReport
 from pyens.eval.robustness import labelled, predict_labels, targets
 
 STEP_CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200)

@@ -44,7 +44,7 @@ from torch import nn
 
 from pyens.ensembles.consensus import ConsensusClassifier, SurrogateScores
 from pyens.eval.catalogue import CATALOGUE, AttackSpec, CWLadder, quick_alpha
-from pyens.eval.report import RobustnessReport, markdown_table
+from pyens.eval.results import RobustnessReport, markdown_table
 from pyens.eval.robustness import evaluate, labelled, predict_labels
 
 # Radii per dataset: Table 2/3's small and large FGSM radius (the small one is also BIM's, PGD's

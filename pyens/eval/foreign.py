@@ -343,7 +343,7 @@ def model_checks(model: nn.Module, data, report, threat: dict, *, low: nn.Module
 def summary(report, checks: list | None = None) -> dict:
     """``pyens eval --summary``'s line: clean accuracy, the per-norm worst cases, the union over
     every attack, and the names of the failed sanity checks."""
-    from pyens.eval.report import GROUP_TITLES
+    from pyens.eval.results import GROUP_TITLES
 
     acc = report.accuracies()
     per_norm = {g: acc[t] for g, t in GROUP_TITLES.items() if t in acc}

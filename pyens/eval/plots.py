@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pyens.eval.catalogue import MINIMUM_NORM, NORMS
 from pyens.eval.curves import Curves, distortion_curve
-from pyens.eval.report import RobustnessReport
+from pyens.eval.results import RobustnessReport
 
 NORM_TEX = {"linf": r"$\ell_\infty$", "l2": r"$\ell_2$", "l1": r"$\ell_1$"}
 E_TEX = {"l1": r"$E_1$", "linf": r"$E_\infty$"}

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyens.eval.autoattack import for_randomized, sub_results
 from pyens.eval.catalogue import DEFAULT_PRESET, NO_RADII, PRESETS, AttackSpec, preset_attacks
-from pyens.eval.report import AttackResult, RobustnessReport
+from pyens.eval.results import AttackResult, RobustnessReport
 
 # Relative and absolute slack on the radius check: float32 rounding of a projected perturbation.
 EPS_RTOL, EPS_ATOL = 1e-4, 1e-5

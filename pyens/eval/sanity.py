@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pyens.eval.curves import Curves
-from pyens.eval.report import RobustnessReport
+from pyens.eval.results import RobustnessReport
 from pyens.eval.transfer import TransferReport
 
 TOL = 0.02

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pyens.eval.catalogue import NORMS, preset_params, resolve_radii
-from pyens.eval.report import markdown_table, text_table
+from pyens.eval.results import markdown_table, text_table
 from pyens.eval.robustness import labelled, predict_labels, targets
 
 

@@ -38,23 +38,8 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyens_back
 
 
 def _env_reader(name: str) -> Callable[[], str | None]:
-    """``os.environ.get(name)`` for the per-call backend choice, without its key encoding.
-
-    ``os.environ.get`` encodes the key and decodes the value on every call (~2 us here, a
-    tenth of a small op's Python path); this reads the mapping's own store, which every
-    assignment through ``os.environ`` (and pytest's monkeypatch) updates, with the key encoded
-    once. Falls back to ``os.environ.get`` where that store is not exposed.
-    """
-    data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
-    if not isinstance(data, dict) or encode is None or decode is None:
-        return lambda: os.environ.get(name)
-    key = encode(name)
-
-    def read() -> str | None:
-        value = data.get(key)
-        return None if value is None else decode(value)
-
-    return read
+    """``os.environ.get(name)``, read on every call (tests and users may change it any time)."""
+    return lambda: os.environ.get(name)
 
 
 _env_backend = _env_reader("PYENS_BACKEND")

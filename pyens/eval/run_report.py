@@ -29,7 +29,7 @@ from pyens._files import atomic_write_text
 from pyens.eval.catalogue import CATALOGUE, DEFAULT_PRESET, catalogue, describe, preset_params
 from pyens.eval.curves import Curves, robustness_curves
 from pyens.eval.diagnostics import gradient_cosine, read_metrics
-from pyens.eval.report import PARTIAL, RobustnessReport, format_table, markdown_table
+from pyens.eval.results import PARTIAL, RobustnessReport, format_table, markdown_table
 from pyens.eval.robustness import evaluate, labelled, resolve_attacks
 from pyens.eval.sanity import MASKING, Check, flagged, run_checks
 from pyens.eval.transfer import TransferReport, submodel_table, transfer_tables
