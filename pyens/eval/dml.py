@@ -77,8 +77,9 @@ BUDGETS = {
 CLEVER_RADIUS = 2.0
 # l2 PGD at that radius beside the CW ladder: a second attack whose distances CLEVER must not exceed.
 CLEVER_PGD_STEPS = 100
-# Thresholds of the honesty check (accuracy points, in [0, 1]).
-MASKING = dict(large_eps_acc=0.10, monotone_slack=0.02, fgsm_beats_pgd=0.02, more_steps_gap=0.05,
+# Thresholds of the honesty check (accuracy points, in [0, 1]); the MAT-side checks are
+# pyens.eval.sanity's, whose verdict text is sanity.MASKING.
+HONESTY_LIMITS = dict(large_eps_acc=0.10, monotone_slack=0.02, fgsm_beats_pgd=0.02, more_steps_gap=0.05,
                random_start_gap=0.10, surrogate_gap=0.05, transfer_gap=0.02, zero_grad_frac=0.01)
 
 
@@ -508,7 +509,7 @@ def honesty(curve: dict | None = None, surrogates: RobustnessReport | None = Non
 
     Returns ``{"signs": [str], "checks": [str], "verdict": str}``.
     """
-    lim = {**MASKING, **(limits or {})}
+    lim = {**HONESTY_LIMITS, **(limits or {})}
     signs, checks = [], []
 
     def judge(line: str, bad: bool, why: str = "") -> None:
