@@ -80,7 +80,7 @@ CLEVER_PGD_STEPS = 100
 # Thresholds of the honesty check (accuracy points, in [0, 1]); the MAT-side checks are
 # pyens.eval.sanity's, whose verdict text is sanity.MASKING.
 HONESTY_LIMITS = dict(large_eps_acc=0.10, monotone_slack=0.02, fgsm_beats_pgd=0.02, more_steps_gap=0.05,
-               random_start_gap=0.10, surrogate_gap=0.05, transfer_gap=0.02, zero_grad_frac=0.01)
+                      random_start_gap=0.10, surrogate_gap=0.05, transfer_gap=0.02, zero_grad_frac=0.01)
 
 
 def _settings(dataset: str) -> dict:
