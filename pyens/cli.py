@@ -338,6 +338,7 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pyens.eval.catalogue import preset_attacks
     from pyens.eval.run_report import evaluate_run
     from pyens._files import atomic_write_text
+    from pyens.training.run_dir import RunDir
 
     device = _check_eval_flags(args)
     threat, eps, alpha = (getattr(args, k, None) for k in ("threat", "eps", "alpha"))
@@ -358,8 +359,8 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
                               progress=not args.no_progress)
         report.meta["threat"] = {a.norm: a.eps for a in report.attacks if a.norm is not None}
         report.meta["threat_preset"] = threat
-        report.to_json(Path(run_dir) / "eval.json")
-        atomic_write_text(report.to_markdown(), Path(run_dir) / "eval.md")
+        report.to_json(RunDir(run_dir).eval_json)
+        atomic_write_text(report.to_markdown(), RunDir(run_dir).eval_md)
         reports.append(report)
     if getattr(args, "summary", False):  # one JSON line per model, nothing else on stdout
         import json
@@ -389,13 +390,12 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
 
 def _trained(run_dir) -> str:
     """What the run in ``run_dir`` trained, in one line (its config's method and settings)."""
-    from pathlib import Path
-
     from pyens.training import load_config
-    from pyens.training.methods import describe
+    from pyens.training.method_base import describe
+    from pyens.training.run_dir import RunDir
 
     try:
-        return describe(load_config(Path(run_dir) / "config.toml").resolved())
+        return describe(load_config(RunDir(run_dir).config).resolved())
     except (OSError, ValueError, KeyError) as exc:  # an old or foreign config: the table still stands
         return f"(config unreadable: {exc})"
 

@@ -121,6 +121,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
     from pyens.eval.sanity import MASKING
     from pyens.eval.threats import threat_model, threat_specs
     from pyens._files import atomic_write_text
+    from pyens.training.run_dir import RunDir
 
     device = _check_eval_flags(args)
     normalize = parse_normalize(args.normalize) if args.normalize else None
@@ -137,7 +138,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
     low = Autocast(model, AUTOCAST[args.autocast]) if args.autocast else None
     judged = low if low is not None else model
     out = Path(args.out or f"eval-{name}")
-    resume = _earlier(out / "eval.json", info, args)
+    resume = _earlier(RunDir(out).eval_json, info, args)
     report = evaluate(judged, data, attacks=specs, n=args.eval_n, batch_size=args.eval_batch_size, device=device,
                       name=name, dataset=dataset, progress=not args.no_progress, seed=args.seed, resume=resume)
     checks = model_checks(model, data, report, threat, low=low, n=min(args.eval_n, 100),
@@ -148,8 +149,8 @@ def evaluate_model(args: argparse.Namespace) -> int:
                                     "the model takes pixels in [0, 1]"),
                        checks=[c.to_dict() for c in checks], **{"source": info})
     out.mkdir(parents=True, exist_ok=True)
-    report.to_json(out / "eval.json")
-    atomic_write_text(_markdown(report, checks), out / "eval.md")
+    report.to_json(RunDir(out).eval_json)
+    atomic_write_text(_markdown(report, checks), RunDir(out).eval_md)
     if args.summary:
         print(json.dumps(summary(report, checks)))
         return 0

@@ -45,3 +45,15 @@ def test_stray_temporaries_are_removed_and_others_kept(tmp_path):
     (tmp_path / ".other.pt.abc.tmp").write_text("y")
     remove_stray_temporaries(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc.tmp"]
+
+
+def test_run_dir_names_every_file_of_a_run(tmp_path):
+    from pyens.training.run_dir import RunDir
+
+    run = RunDir(str(tmp_path))
+    assert [p.name for p in (run.config, run.checkpoint, run.metrics, run.eval_json, run.eval_md)] == [
+        "config.toml", "checkpoint.pt", "metrics.jsonl", "eval.json", "eval.md"]
+    assert run.config.parent == tmp_path
+    assert run.missing() == ["config.toml", "checkpoint.pt"]
+    run.config.write_text("")
+    assert run.missing() == ["checkpoint.pt"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pyens.attacks.losses import ce_loss
+from pyens.training.run_dir import RunDir
 
 
 def steepest_disagreement(mimo: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=("l1", "linf"),
@@ -90,7 +91,7 @@ def epoch_diagnostics(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mimo_
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The per-epoch records of a run (``metrics.jsonl``); empty if there are none."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -33,6 +33,7 @@ from pyens.eval.results import PARTIAL, RobustnessReport, format_table, markdown
 from pyens.eval.robustness import evaluate, labelled, resolve_attacks
 from pyens.eval.sanity import MASKING, Check, flagged, run_checks
 from pyens.eval.transfer import TransferReport, submodel_table, transfer_tables
+from pyens.training.run_dir import EVAL_JSON, RunDir
 
 UNATTACKED = ("standard", "mimo", "ensemble")  # methods trained without an inner maximisation
 ENSEMBLE_LABELS = {"mat": "MAT", "mat_msd": "MAT+MSD", "mat_same": "MAT (same norm)", "mimo_at": "MIMO AT",
@@ -101,7 +102,7 @@ class RunResults:
 def fingerprint(run_dir: Path) -> str:
     """SHA-1 of the run's checkpoint (a retrained model invalidates the cache)."""
     h = hashlib.sha1()
-    with open(Path(run_dir) / "checkpoint.pt", "rb") as f:
+    with open(RunDir(run_dir).checkpoint, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -149,7 +150,7 @@ def evaluate_run(run_dir: str | Path, *, attacks=DEFAULT_PRESET, n: int = 1000, 
     meta = dict(method=cfg.method, model=cfg.model, epochs=run.epoch, norms=list(cfg.norms),
                 checkpoint=fingerprint(run.out))
     resume = None  # earlier results of this checkpoint: the cache, then the run's own eval.json
-    for path in filter(None, [cache, Path(run_dir) / "eval.json"]):
+    for path in filter(None, [cache, RunDir(run_dir).eval_json]):
         if path.exists():
             try:
                 saved = RobustnessReport.from_json(path)
@@ -189,7 +190,7 @@ def _from_saved(run_dir: Path) -> RunResults:
     """A directory with a saved evaluation and no checkpoint (e.g. ``OUT/data/<run>`` of an earlier
     report): report what it holds (``eval.json``, and ``curves.json``, ``transfer.json``,
     ``cosine.json`` if there)."""
-    report = RobustnessReport.from_json(run_dir / "eval.json")
+    report = RobustnessReport.from_json(RunDir(run_dir).eval_json)
     report.model = run_dir.name
     curves, transfers = _saved(run_dir / "curves.json"), _saved(run_dir / "transfer.json") or []
     res = RunResults(run_dir.name, run_dir, {"method": report.meta.get("method", "?"),
@@ -213,7 +214,7 @@ def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> Run
 
     settings = dataclasses.replace(settings, device=str(resolve_device(settings.device, "settings.device")))
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").exists() and (run_dir / "eval.json").exists():
+    if not RunDir(run_dir).checkpoint.exists() and RunDir(run_dir).eval_json.exists():
         return _from_saved(run_dir)
     name = run_dir.name
     cache = Path(out) / "data" / name
@@ -225,7 +226,7 @@ def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> Run
     seconds = {}
     t0 = time.perf_counter()
     report = evaluate_run(run_dir, attacks=s.specs, n=s.n, batch_size=s.batch_size, device=s.device,
-                          progress=s.progress, seed=s.seed, cache=cache / "eval.json", run=run)
+                          progress=s.progress, seed=s.seed, cache=cache / EVAL_JSON, run=run)
     seconds["evaluation"] = sum(a.seconds for a in report.attacks)
     res = RunResults(name, run_dir, {"method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
                                      "norms": list(cfg.norms), "members": cfg.members, "epochs": run.epoch,

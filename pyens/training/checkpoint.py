@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pyens._files import atomic_write
+from pyens.training.run_dir import CHECKPOINT  # noqa: F401  (the file name, re-exported)
 
-CHECKPOINT = "checkpoint.pt"
 BACKUP_SUFFIX = ".orig"  # convert() keeps the file it converted as checkpoint.pt.orig (.orig-2, ...)
 
 # Test hook (tests/test_kill_resume.py): seconds to sleep inside atomic_save after the bytes

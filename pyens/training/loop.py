@@ -19,6 +19,7 @@ from pyens.training import checkpoint, distributed
 from pyens.training.config import TrainConfig, config_from_dict, load_config
 from pyens.training.methods import StepContext, get_method
 from pyens.training.run import build_network, classifier
+from pyens.training.run_dir import CHECKPOINT, CONFIG, METRICS, RunDir
 from pyens.training.schedules import lr_at
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -94,12 +95,12 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
         # With a config given, every field of it must match the run, not only the flags.
         cfg = _resumed_config(out, cfg, set(dataclasses.asdict(cfg)) if config else set(overrides))
         if d.main:  # left by checkpoint writes that a kill interrupted (the checkpoint itself is whole)
-            remove_stray_temporaries(out / checkpoint.CHECKPOINT)
-        if not (out / checkpoint.CHECKPOINT).exists():
+            remove_stray_temporaries(RunDir(out).checkpoint)
+        if not RunDir(out).checkpoint.exists():
             # Stopped (killed) before its first checkpoint: nothing was trained, and starting
             # at step 0 is bit-identical to the run that was stopped. Said, never silent.
             if d.main:
-                print(f"resume: {out} has no {checkpoint.CHECKPOINT} yet (the run stopped before its first "
+                print(f"resume: {out} has no {CHECKPOINT} yet (the run stopped before its first "
                       "checkpoint); starting it from step 0 with its saved config", file=sys.stderr)
             resume = False
     cfg.out = str(out)
@@ -153,11 +154,11 @@ def _claim(out: Path, cfg: TrainConfig) -> bool:
     run that fails to start (an error while loading data or building the network) gives the
     claim back (:func:`_release`), so the same ``out`` can be used again at once.
     """
-    if (out / checkpoint.CHECKPOINT).exists():  # a run from before directories were claimed
+    if RunDir(out).checkpoint.exists():  # a run from before directories were claimed
         return False
     out.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(out / "config.toml", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        fd = os.open(RunDir(out).config, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
@@ -168,11 +169,11 @@ def _claim(out: Path, cfg: TrainConfig) -> bool:
 def _release(out: Path, *, remove_dir: bool) -> None:
     """Undo :func:`_claim` for a run that failed to start: its config.toml and empty
     metrics.jsonl go, and the directory too when the claim created it and it is now empty."""
-    if (out / checkpoint.CHECKPOINT).exists():  # never the case before training: be safe anyway
+    if RunDir(out).checkpoint.exists():  # never the case before training: be safe anyway
         return
-    for name in ("config.toml", "metrics.jsonl"):
+    for name in (CONFIG, METRICS):
         path = out / name
-        if path.exists() and (name == "config.toml" or path.stat().st_size == 0):
+        if path.exists() and (name == CONFIG or path.stat().st_size == 0):
             path.unlink()
     if remove_dir:
         try:
@@ -182,9 +183,9 @@ def _release(out: Path, *, remove_dir: bool) -> None:
 
 
 def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
-    config_file = out / "config.toml"
+    config_file = RunDir(out).config
     if not config_file.exists():
-        raise FileNotFoundError(f"resume: {out} has no {checkpoint.CHECKPOINT} to resume from "
+        raise FileNotFoundError(f"resume: {out} has no {CHECKPOINT} to resume from "
                                 "(nor a config.toml: no run was started there)")
     if config_file.stat().st_size == 0:  # claimed, then killed before a byte of config was written
         raise ValueError(f"resume: {config_file} is empty: the run stopped before it wrote its config, "
@@ -241,9 +242,9 @@ class _Trainer:
                 raise ValueError(f"max_steps: the run in {out} stopped at its max_steps ({cfg.max_steps}); "
                                  "resume with a larger max_steps, or 0 for no limit")
         elif self.dist.main:
-            (out / "metrics.jsonl").write_text("")
+            RunDir(out).metrics.write_text("")
         if self.dist.main:  # on resume: the resumable settings (max_steps, device, ...) as now used
-            atomic_write_text(cfg.to_toml(), out / "config.toml")
+            atomic_write_text(cfg.to_toml(), RunDir(out).config)
         distributed.barrier(self.dist)
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -261,14 +262,14 @@ class _Trainer:
                  "epoch": self.epoch, "batch": self.batch, "step": self.step, "perm": self.perm,
                  "rng": checkpoint.rng_state(self.generator), "history": self.history,
                  "meter": self.meter.state(), "config": self.cfg.to_dict()}
-        checkpoint.atomic_save(state, self.out / checkpoint.CHECKPOINT)
+        checkpoint.atomic_save(state, RunDir(self.out).checkpoint)
 
     def _load(self) -> None:
-        state = checkpoint.load(self.out / checkpoint.CHECKPOINT, map_location=self.device)
+        state = checkpoint.load(RunDir(self.out).checkpoint, map_location=self.device)
         now = self.cfg.to_dict()
         differ = sorted(k for k, v in state.get("config", {}).items() if k not in RESUMABLE_OVERRIDES and now.get(k) != v)
         if differ:
-            raise ValueError(f"resume: {self.out / checkpoint.CHECKPOINT} was written with other {differ} than "
+            raise ValueError(f"resume: {RunDir(self.out).checkpoint} was written with other {differ} than "
                              f"{self.out / 'config.toml'} holds; the two belong to different runs")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -278,7 +279,7 @@ class _Trainer:
         checkpoint.set_rng_state(state["rng"], self.generator)
         if self.dist.main:  # records after the checkpoint belong to a run that crashed
             atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history),
-                                         self.out / "metrics.jsonl")
+                                         RunDir(self.out).metrics)
 
     # -- the loop ------------------------------------------------------------------------------
     def _batches(self):
@@ -348,7 +349,7 @@ class _Trainer:
         agree = distributed.replicas_agree(self.net, self.dist)
         distributed.barrier(self.dist)
         self.net.eval()
-        result = TrainResult(self.net, cfg, self.history, self.out / checkpoint.CHECKPOINT, self.out, agree,
+        result = TrainResult(self.net, cfg, self.history, RunDir(self.out).checkpoint, self.out, agree,
                              self.step if stopped and self.step < self.total_steps else None, self.total_steps)
         distributed.teardown(self.dist)
         return result
@@ -365,7 +366,7 @@ class _Trainer:
         self.meter = _Meter()
         self._save()
         if self.dist.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(RunDir(self.out).metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ from torch import nn
 from pyens.training import checkpoint
 from pyens.training.config import TrainConfig, load_config
 from pyens.training.methods import get_method
+from pyens.training.run_dir import RunDir
 
 
 def build_network(cfg: TrainConfig, data) -> nn.Module:
@@ -88,13 +89,12 @@ def load_run(out: str | Path, device: str | torch.device = "auto") -> Run:
 
     device = resolve_device(device)
     out = Path(out)
-    for name in ("config.toml", checkpoint.CHECKPOINT):
-        if not (out / name).exists():
-            raise FileNotFoundError(f"run_dir: {out} has no {name}; is it a pyens training run?")
-    cfg = load_config(out / "config.toml").resolved()
+    for name in RunDir(out).missing():
+        raise FileNotFoundError(f"run_dir: {out} has no {name}; is it a pyens training run?")
+    cfg = load_config(RunDir(out).config).resolved()
     data = load(cfg.dataset, "test", data_dir=cfg.data_dir or None)
     net = build_network(cfg, data)
-    state = checkpoint.load(out / checkpoint.CHECKPOINT)
+    state = checkpoint.load(RunDir(out).checkpoint)
     net.load_state_dict(state["model"])
     net.to(device).eval()
     return Run(out, cfg, net, state.get("history", []), state.get("epoch", 0))
