@@ -16,36 +16,26 @@ EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 
 
+def _file(name: str) -> property:
+    return property(lambda self: self.path / name, doc=f"``{name}`` in the run directory")
+
+
 class RunDir:
     """The files of the run directory ``path`` (a str or Path)."""
 
     __slots__ = ("path",)
+
+    config = _file(CONFIG)
+    checkpoint = _file(CHECKPOINT)
+    metrics = _file(METRICS)
+    eval_json = _file(EVAL_JSON)
+    eval_md = _file(EVAL_MD)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def eval_json(self) -> Path:
-        return self.path / EVAL_JSON
-
-    @property
-    def eval_md(self) -> Path:
-        return self.path / EVAL_MD
 
     def missing(self) -> list[str]:
         """The files a trained run needs (config and checkpoint) that are not there."""
