@@ -378,7 +378,9 @@ def test_render_markdown_and_plot(tmp_path):
                           budget={"curve_eps": (0.0, 0.2), "curve_long": 3}, log=lambda *_: None)
     md = E.render_markdown(report)
     assert "Table 4 layout" in md and "Fig. 18" in md and "Honesty check" in md
-    assert E.plot_curves(report, tmp_path / "c.png").stat().st_size > 0
+    from pyens.eval.plots import plot_dml_curves
+
+    assert plot_dml_curves(report["curve"], tmp_path / "c.png").stat().st_size > 0
     with pytest.raises(ValueError, match="tables: unknown"):
         E.dml_report({"dml": net}, (x, y), tables=("table9",))
     assert not math.isnan(report["curve"]["dml"]["accuracy"]["FGSM"][0])

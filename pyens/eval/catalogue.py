@@ -37,7 +37,7 @@ and l2, the protocol of the RobustBench leaderboards).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -480,3 +480,77 @@ def preset_attacks(preset: str = DEFAULT_PRESET, dataset: str | None = None, *, 
                 change.update(restarts=restarts, random_start=restarts > 1)
             params[f"pgd_{norm}"] = {**change, **params.get(f"pgd_{norm}", {})}
     return catalogue(preset, dataset, radii=radii, params=params, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the DML paper's attacks (pyens.eval.dml's tables): FGSM, PGD/BIM, CW, AutoAttack specs
+
+def fgsm_spec(eps: float) -> AttackSpec:
+    from pyens.attacks import FGSM
+
+    return AttackSpec(f"FGSM (eps {eps:g})", "linf", lambda model: FGSM(model, eps=eps), dict(eps=eps), "linf", eps)
+
+
+def pgd_spec(eps: float, steps: int, *, restarts: int = 1, random_start: bool = True, loss: str = "ce",
+             label: str | None = None, surrogate: nn.Module | None = None) -> AttackSpec:
+    """linf PGD with ``alpha = 2.5 eps / steps``; BIM is ``random_start=False``.
+
+    ``surrogate``: attack this module instead of the one :func:`pyens.eval.evaluate` hands over.
+    """
+    from pyens.attacks import PGD
+
+    params = dict(norm="linf", eps=eps, alpha=quick_alpha("linf", eps, steps), steps=steps, restarts=restarts,
+                  random_start=random_start, loss=loss)
+    kind = "PGD" if random_start else "BIM"
+    more = f", {restarts} restarts" if restarts > 1 else ""
+    name = label or f"{kind}-{steps} (eps {eps:g}{more})"
+    return AttackSpec(name, "linf", lambda model: PGD(surrogate if surrogate is not None else model, **params),
+                      params, "linf", eps)
+
+
+class PositiveLogits(nn.Module):
+    """``z - min_k z_k + 1``: the same logit differences (values and gradients), all logits >= 1.
+
+    torchattacks' ``CW.f`` takes the best other logit as ``max((1 - onehot) * z)`` and the true
+    one as ``max(onehot * z)``, so a masked-out entry counts as a logit of 0. With logits that
+    are all negative (a DML's ``-d``) both maxima are 0, the classification term is identically 0
+    and CW only shrinks the perturbation: it reports full robustness. The shift removes that
+    without changing the CW objective (it depends on logit differences only).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return z - z.detach().amin(-1, keepdim=True) + 1
+
+
+def cw_spec(c: float = 1.0, steps: int = 200, kappa: float = 0.0, lr: float = 0.01, *,
+            shift: bool = True) -> AttackSpec:
+    """Carlini-Wagner l2 at one constant (the paper's "CW gamma = 1"), unbounded: accuracy is
+    the share of examples it finds no adversarial example for. ``shift``: run it on
+    :class:`PositiveLogits` (``False``: as torchattacks runs it, for the honesty check)."""
+    params = dict(c=c, kappa=kappa, steps=steps, lr=lr)
+    wrap = PositiveLogits if shift else (lambda m: m)
+    name = f"CW (c {c:g}, {steps} steps)" + ("" if shift else ", unshifted logits")
+    return AttackSpec(name, "l2", lambda model: CWLadder(wrap(model), c=(c,), kappa=kappa, steps=steps, lr=lr),
+                      {**params, "shift": shift}, "l2", None)
+
+
+def cw_ladder_spec(cs: Sequence[float] = (1.0, 10.0, 100.0), steps: int = 200, lr: float = 0.01) -> AttackSpec:
+    """CW-l2 once per constant in ``cs`` on :class:`PositiveLogits`, keeping the smallest
+    adversarial example (unbounded)."""
+    params = dict(c=tuple(cs), kappa=0.0, steps=steps, lr=lr)
+    label = ", ".join(f"{c:g}" for c in cs)
+    return AttackSpec(f"CW (c {label}, {steps} steps)", "l2", lambda model: CWLadder(PositiveLogits(model), **params),
+                      params, "l2", None)
+
+
+def autoattack_spec(eps: float, n: int | None = None) -> AttackSpec:
+    """The catalogue's linf AutoAttack at ``eps`` (torchattacks' default steps): its sub-attacks
+    get rows, and a randomized model (R-DML, AUG-DML) gets the ``rand`` version."""
+    params = dict(version="standard")
+    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf", CATALOGUE["autoattack_linf"].build(params, eps, None),
+                      {"eps": eps, **params}, "linf", eps, n=n, key="autoattack_linf")

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from pyens.ensembles.consensus import ConsensusClassifier, SurrogateScores
-from pyens.eval.catalogue import CATALOGUE, AttackSpec, CWLadder, quick_alpha
+from pyens.eval.catalogue import (AttackSpec, PositiveLogits, autoattack_spec, cw_ladder_spec, cw_spec,  # noqa: F401
+                                  fgsm_spec, pgd_spec, quick_alpha)
 from pyens.eval.results import RobustnessReport, markdown_table
 from pyens.eval.robustness import evaluate, labelled, predict_labels
 
@@ -108,80 +109,6 @@ def vote_classifier(net: nn.Module, rule: str = "vote") -> ConsensusClassifier:
 
 def _is_dml(net: nn.Module) -> bool:
     return hasattr(net, "dmls")
-
-
-# ---------------------------------------------------------------------------------------------
-# attack specs (pyens.eval.AttackSpec), linf
-
-def fgsm_spec(eps: float) -> AttackSpec:
-    from pyens.attacks import FGSM
-
-    return AttackSpec(f"FGSM (eps {eps:g})", "linf", lambda model: FGSM(model, eps=eps), dict(eps=eps), "linf", eps)
-
-
-def pgd_spec(eps: float, steps: int, *, restarts: int = 1, random_start: bool = True, loss: str = "ce",
-             label: str | None = None, surrogate: nn.Module | None = None) -> AttackSpec:
-    """linf PGD with ``alpha = 2.5 eps / steps``; BIM is ``random_start=False``.
-
-    ``surrogate``: attack this module instead of the one :func:`pyens.eval.evaluate` hands over.
-    """
-    from pyens.attacks import PGD
-
-    params = dict(norm="linf", eps=eps, alpha=quick_alpha("linf", eps, steps), steps=steps, restarts=restarts,
-                  random_start=random_start, loss=loss)
-    kind = "PGD" if random_start else "BIM"
-    more = f", {restarts} restarts" if restarts > 1 else ""
-    name = label or f"{kind}-{steps} (eps {eps:g}{more})"
-    return AttackSpec(name, "linf", lambda model: PGD(surrogate if surrogate is not None else model, **params),
-                      params, "linf", eps)
-
-
-class PositiveLogits(nn.Module):
-    """``z - min_k z_k + 1``: the same logit differences (values and gradients), all logits >= 1.
-
-    torchattacks' ``CW.f`` takes the best other logit as ``max((1 - onehot) * z)`` and the true
-    one as ``max(onehot * z)``, so a masked-out entry counts as a logit of 0. With logits that
-    are all negative (a DML's ``-d``) both maxima are 0, the classification term is identically 0
-    and CW only shrinks the perturbation: it reports full robustness. The shift removes that
-    without changing the CW objective (it depends on logit differences only).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.model(x)
-        return z - z.detach().amin(-1, keepdim=True) + 1
-
-
-def cw_spec(c: float = 1.0, steps: int = 200, kappa: float = 0.0, lr: float = 0.01, *,
-            shift: bool = True) -> AttackSpec:
-    """Carlini-Wagner l2 at one constant (the paper's "CW gamma = 1"), unbounded: accuracy is
-    the share of examples it finds no adversarial example for. ``shift``: run it on
-    :class:`PositiveLogits` (``False``: as torchattacks runs it, for the honesty check)."""
-    params = dict(c=c, kappa=kappa, steps=steps, lr=lr)
-    wrap = PositiveLogits if shift else (lambda m: m)
-    name = f"CW (c {c:g}, {steps} steps)" + ("" if shift else ", unshifted logits")
-    return AttackSpec(name, "l2", lambda model: CWLadder(wrap(model), c=(c,), kappa=kappa, steps=steps, lr=lr),
-                      {**params, "shift": shift}, "l2", None)
-
-
-def cw_ladder_spec(cs: Sequence[float] = (1.0, 10.0, 100.0), steps: int = 200, lr: float = 0.01) -> AttackSpec:
-    """CW-l2 once per constant in ``cs`` on :class:`PositiveLogits`, keeping the smallest
-    adversarial example (unbounded)."""
-    params = dict(c=tuple(cs), kappa=0.0, steps=steps, lr=lr)
-    label = ", ".join(f"{c:g}" for c in cs)
-    return AttackSpec(f"CW (c {label}, {steps} steps)", "l2", lambda model: CWLadder(PositiveLogits(model), **params),
-                      params, "l2", None)
-
-
-def autoattack_spec(eps: float, n: int | None = None) -> AttackSpec:
-    """The catalogue's linf AutoAttack at ``eps`` (torchattacks' default steps): its sub-attacks
-    get rows, and a randomized model (R-DML, AUG-DML) gets the ``rand`` version."""
-    params = dict(version="standard")
-    return AttackSpec(f"AutoAttack (eps {eps:g})", "linf", CATALOGUE["autoattack_linf"].build(params, eps, None),
-                      {"eps": eps, **params}, "linf", eps, n=n, key="autoattack_linf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -891,32 +818,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot_curves(report: dict, path: str | Path) -> Path:
-    """The distortion-accuracy curves (Fig. 18) of every model, one panel each, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = report["curve"]
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False, sharey=True)
-    for ax, (name, c) in zip(axes[0], curves.items()):
-        for a, vals in c["accuracy"].items():
-            ax.plot(c["eps"], [100 * v for v in vals], marker="o", ms=3, label=a.replace("long", str(c["long"])))
-        ax.set_title(name)
-        ax.set_xlabel("linf eps")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(-2, 102)
-    axes[0][0].set_ylabel("majority-vote accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TABLES, n: int = 1000,
                    budget: str | dict = "quick", out: str | Path | None = None, device="auto", progress: bool = True,
                    merge: bool = False, log=print) -> dict:
@@ -958,14 +859,15 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
                              f"this run has {report['models']} on {report['n']}")
         old["seconds"] = {**old.get("seconds", {}), **report.pop("seconds")}
         report = {**old, **report}
-    path.write_text(json.dumps(report, indent=1))
-    md = render_markdown(report)
-    (out_dir / "dml_report.md").write_text(md)
-    if "curve" in report:
-        plot_curves(report, out_dir / "dml_curve.png")
-    if "clever" in report:
-        from pyens.eval.plots import plot_clever
+    from pyens._files import atomic_write_text
+    from pyens.eval.plots import plot_clever, plot_dml_curves
 
+    atomic_write_text(json.dumps(report, indent=1), path)  # a later run merges into it
+    md = render_markdown(report)
+    atomic_write_text(md, out_dir / "dml_report.md")
+    if "curve" in report:
+        plot_dml_curves(report["curve"], out_dir / "dml_curve.png")
+    if "clever" in report:
         plot_clever(report["clever"], out_dir / "dml_clever.png")
     log(md)
     png = "".join(f" and {f}" for key, f in (("curve", "dml_curve.png"), ("clever", "dml_clever.png"))

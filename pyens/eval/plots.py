@@ -193,3 +193,18 @@ def plot_clever(section: dict, path: str | Path, bins: int = 20) -> Path:
     right.set_xlim(0, edge * 1.03)
     return _save(fig, path)
 
+
+def plot_dml_curves(curves: dict[str, dict], path: str | Path) -> Path:
+    """The DML report's distortion-accuracy curves (DML paper, Fig. 18), one panel per model.
+
+    ``curves``: ``{model: {"eps": [...], "accuracy": {attack: [...]}, "long": steps}}`` as
+    :func:`pyens.eval.dml.distortion_curve` gives them; accuracy is the majority vote's.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False, sharey=True)
+    for ax, (name, c) in zip(axes[0], curves.items()):
+        for a, vals in c["accuracy"].items():
+            ax.plot(c["eps"], [100 * v for v in vals], marker="o", ms=3, label=a.replace("long", str(c["long"])))
+        _decorate(ax, name, "linf eps", "majority-vote accuracy (%)" if ax is axes[0][0] else "", percent=True)
+    return _save(fig, path)
+
