@@ -179,58 +179,29 @@ def _bool(text: str) -> bool:
 DEFAULT_CONFIG = "quick-mnist"  # `pyens train` with no arguments: the main job
 
 # `pyens train` flags -> TrainConfig fields; None means "keep the config's value".
-_TRAIN_FLAGS = {
-    "method": str, "dataset": str, "data_dir": str, "model": str, "members": int, "norms": _csv(str),
-    "eps": _per_norm, "alpha": _per_norm, "steps": int, "k": int, "outer": str, "epochs": int,
-    "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float, "schedule": str,
-    "train_size": int, "seed": int, "device": str, "out": str, "max_steps": int, "eps_warmup": float,
-    "input_repetition": float, "msd_select": str, "k_range": _csv(int), "random_start": _bool,
-}
 _PER_NORM_HELP = ("as NORM=VALUE per norm ({example}; norms not named keep the config's value), or a "
                   "bare list with one value per member in the order of --norms; one number alone only when every "
                   "member has the same norm")
 
 
-def _train_help() -> dict[str, str]:
-    """Help of every ``pyens train`` flag: what it sets, its unit, choices, and quick-mnist's value."""
+_CASTS = {"str": str, "int": int, "float": float, "bool": _bool, "csv_str": _csv(str), "csv_int": _csv(int),
+          "per_norm": _per_norm}
+
+
+def _train_flags() -> dict[str, tuple]:
+    """``pyens train``'s flags, from TrainConfig's fields: ``{field: (cast, help)}``. The help
+    text is the field's (its ``{placeholders}`` filled with the current choices)."""
     from pyens.nn.backbones import BACKBONES
     from pyens.training import METHODS
     from pyens.training import config as c
 
-    return {
-        "method": f"training method, one of {', '.join(sorted(METHODS))} (each explained below)",
-        "dataset": f"dataset, one of {', '.join(c.PAPER_EPS)} (mnist is embedded; the others need --data-dir)",
-        "data_dir": "folder holding the dataset's files (empty: the embedded MNIST; nothing is downloaded)",
-        "model": f"backbone, one of {', '.join(BACKBONES)}",
-        "members": "M, sub-models of a MIMO or vanilla ensemble (count); attacked methods take one per norm "
-                   "from --norms",
-        "norms": "comma-separated norms of the inner attack, one per member, from linf, l2, l1 (empty: the "
-                 "method's, l1,l2,linf; at and mat_same: linf)",
-        "eps": "attack radii in pixel units (pixels in [0, 1]), "
-               + _PER_NORM_HELP.format(example="linf=0.3,l2=2,l1=10") + " (missing: the paper's)",
-        "alpha": "PGD step sizes in pixel units per step, "
-                 + _PER_NORM_HELP.format(example="linf=0.01,l2=0.1,l1=0.8") + " (missing: the paper's)",
-        "steps": "K, PGD steps of the inner maximisation (count)",
-        "k": "l1 sparsity: coordinates an l1 step moves (count)",
-        "outer": f"MAT's loss over members, one of {', '.join(c.OUTER_LOSSES)} (max: Algorithm 1; sum: eq. 4)",
-        "epochs": "passes over the training set (count)",
-        "batch_size": "training examples per optimizer step (count; the global batch under torchrun)",
-        "optimizer": f"one of {', '.join(c.OPTIMIZERS)}",
-        "lr": "peak learning rate of the schedule",
-        "weight_decay": "L2 weight-decay coefficient",
-        "schedule": f"learning-rate schedule over all steps, one of {', '.join(c.SCHEDULES)}",
-        "train_size": "train on the first N training images (count; 0: all)",
-        "seed": "random seed of the initialisation, batch order and attacks (int)",
-        "device": f"where training runs: {c.DEVICES_HINT}",
-        "out": "run directory (empty: runs/METHOD-DATASET-MODEL-seedSEED, then -2, -3, ... when taken)",
-        "max_steps": "stop after this many optimizer steps in all (count; 0: no limit); the run stays resumable",
-        "eps_warmup": "fraction of training (0 to 1) over which radii and step sizes ramp up from 0",
-        "input_repetition": "MIMO methods: probability (0 to 1) that an example fills every input slot",
-        "msd_select": f"msd and mat_msd: worst norm per example or per member over the batch, one of "
-                      f"{', '.join(c.MSD_SELECTS)}",
-        "k_range": "LO,HI: msd and mat_msd draw the l1 sparsity from LO..HI at every step (empty: a fixed --k)",
-        "random_start": "true or false: start the inner PGD at a random point of the ball",
-    }
+    choices = dict(
+        methods=", ".join(sorted(METHODS)), datasets=", ".join(c.PAPER_EPS), backbones=", ".join(BACKBONES),
+        outer_losses=", ".join(c.OUTER_LOSSES), optimizers=", ".join(c.OPTIMIZERS), schedules=", ".join(c.SCHEDULES),
+        msd_selects=", ".join(c.MSD_SELECTS), devices=c.DEVICES_HINT,
+        per_norm_eps=_PER_NORM_HELP.format(example="linf=0.3,l2=2,l1=10"),
+        per_norm_alpha=_PER_NORM_HELP.format(example="linf=0.01,l2=0.1,l1=0.8"))
+    return {f.name: (_CASTS[f.metadata["cli"]], f.metadata["help"].format(**choices)) for f in c.cli_fields()}
 
 
 def _shown(value) -> str:
@@ -283,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.no_eval:
         _check_eval_flags(args)
-    overrides = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in _train_flags() if getattr(args, k) is not None}
     # --resume reads the run's own config; a --config given with it must match that.
     config = args.config or (None if args.resume else DEFAULT_CONFIG)
     result = train(config=config, resume=args.resume, progress=not args.no_progress, **overrides)
@@ -582,13 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", default=None,
                     help=f"a TOML file or a shipped config name (default: {DEFAULT_CONFIG}; with --resume: the run's)")
-    helps, defaults = _train_help(), _config_defaults()
-    for flag, cast in _TRAIN_FLAGS.items():
+    defaults = _config_defaults()
+    for flag, (cast, help_text) in _train_flags().items():
         shown = _shown(defaults[flag]).replace("%", "%%")
         metavar = {"eps": "NORM=V,...", "alpha": "NORM=V,...", "norms": "NORM,...", "k_range": "LO,HI",
                    "random_start": "{true,false}"}.get(flag)
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=cast, default=None, metavar=metavar,
-                        help=f"{helps[flag]} (default: the config's; {DEFAULT_CONFIG}: {shown})")
+                        help=f"{help_text} (default: the config's; {DEFAULT_CONFIG}: {shown})")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out (default: the newest run of its name) from its checkpoint")
     tr.add_argument("--no-eval", action="store_true", help="skip the robustness table after training")

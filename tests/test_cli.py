@@ -275,3 +275,23 @@ def test_only_rank_0_prints(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--no-progress", "--no-eval"]) == 0
     assert "run saved in" in capsys.readouterr().out
+
+
+def test_train_flags_are_derived_from_the_config_fields(capsys):
+    """Issue 21: `pyens train`'s flags are TrainConfig's fields that carry CLI metadata, with the
+    field's own help text; no hand-kept copy can drift."""
+    from pyens.cli import _train_flags, build_parser
+    from pyens.training.config import TrainConfig, cli_fields
+
+    fields = cli_fields()
+    assert {f.name for f in fields} <= set(TrainConfig.__dataclass_fields__)
+    assert list(_train_flags()) == [f.name for f in fields]
+    assert {"momentum", "eval_size", "checkpoint_minutes", "description", "extra"}.isdisjoint(_train_flags())
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    by_dest = {a.dest: a for a in train._actions}
+    for f in fields:
+        assert by_dest[f.name].option_strings == ["--" + f.name.replace("_", "-")]
+        assert "{" not in _train_flags()[f.name][1]  # every placeholder filled
+        assert _train_flags()[f.name][1].split(" {")[0] in by_dest[f.name].help
+    ns = build_parser().parse_args(["train", "--k-range", "5,20", "--random-start", "true", "--eps", "linf=0.1"])
+    assert ns.k_range == (5, 20) and ns.random_start is True and ns.eps == {"linf": 0.1}

@@ -27,6 +27,18 @@ MSD_SELECTS = ("example", "batch")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
+def _flag(default, kind: str, help: str):
+    """A field that ``pyens train`` exposes as ``--NAME``: ``kind`` says how the command line
+    spells it (``str``, ``int``, ``float``, ``bool``, ``csv_str``, ``csv_int``, ``per_norm``),
+    ``help`` is its help text (``{placeholders}`` are filled in by the CLI: the choices)."""
+    return field(default=default, metadata={"cli": kind, "help": help})
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig` that ``pyens train`` has a flag for, in order."""
+    return [f for f in fields(TrainConfig) if "cli" in f.metadata]
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs.
@@ -67,36 +79,49 @@ class TrainConfig:
         max_steps: stop after this many optimizer steps in total (0 = no limit; smoke tests).
     """
 
-    method: str = "mat"
-    dataset: str = "mnist"
-    data_dir: str = ""
-    model: str = "small_cnn"
-    members: int = 3
-    norms: tuple[str, ...] = ()
-    eps: tuple[float, ...] | dict = ()
-    alpha: tuple[float, ...] | dict = ()
-    steps: int = 10
-    k: int = 20
-    k_range: tuple[int, ...] = ()
-    random_start: bool = False
-    msd_select: str = "example"
-    eps_warmup: float = 0.0
-    outer: str = "sum"
-    input_repetition: float = 0.0
-    epochs: int = 5
-    batch_size: int = 100
-    optimizer: str = "adam"
-    lr: float = 1e-3
+    method: str = _flag("mat", "str", "training method, one of {methods} (each explained below)")
+    dataset: str = _flag("mnist", "str", "dataset, one of {datasets} (mnist is embedded; the others need --data-dir)")
+    data_dir: str = _flag("", "str", "folder holding the dataset's files (empty: the embedded MNIST; nothing is "
+                                     "downloaded)")
+    model: str = _flag("small_cnn", "str", "backbone, one of {backbones}")
+    members: int = _flag(3, "int", "M, sub-models of a MIMO or vanilla ensemble (count); attacked methods take one "
+                                   "per norm from --norms")
+    norms: tuple[str, ...] = _flag((), "csv_str", "comma-separated norms of the inner attack, one per member, from "
+                                                  "linf, l2, l1 (empty: the method's, l1,l2,linf; at and mat_same: "
+                                                  "linf)")
+    eps: tuple[float, ...] | dict = _flag((), "per_norm", "attack radii in pixel units (pixels in [0, 1]), "
+                                                          "{per_norm_eps} (missing: the paper's)")
+    alpha: tuple[float, ...] | dict = _flag((), "per_norm", "PGD step sizes in pixel units per step, "
+                                                            "{per_norm_alpha} (missing: the paper's)")
+    steps: int = _flag(10, "int", "K, PGD steps of the inner maximisation (count)")
+    k: int = _flag(20, "int", "l1 sparsity: coordinates an l1 step moves (count)")
+    k_range: tuple[int, ...] = _flag((), "csv_int", "LO,HI: msd and mat_msd draw the l1 sparsity from LO..HI at "
+                                                    "every step (empty: a fixed --k)")
+    random_start: bool = _flag(False, "bool", "true or false: start the inner PGD at a random point of the ball")
+    msd_select: str = _flag("example", "str", "msd and mat_msd: worst norm per example or per member over the batch, "
+                                              "one of {msd_selects}")
+    eps_warmup: float = _flag(0.0, "float", "fraction of training (0 to 1) over which radii and step sizes ramp up "
+                                            "from 0")
+    outer: str = _flag("sum", "str", "MAT's loss over members, one of {outer_losses} (max: Algorithm 1; sum: eq. 4)")
+    input_repetition: float = _flag(0.0, "float", "MIMO methods: probability (0 to 1) that an example fills every "
+                                                  "input slot")
+    epochs: int = _flag(5, "int", "passes over the training set (count)")
+    batch_size: int = _flag(100, "int", "training examples per optimizer step (count; the global batch under "
+                                        "torchrun)")
+    optimizer: str = _flag("adam", "str", "one of {optimizers}")
+    lr: float = _flag(1e-3, "float", "peak learning rate of the schedule")
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "triangular"
-    train_size: int = 0
+    weight_decay: float = _flag(0.0, "float", "L2 weight-decay coefficient")
+    schedule: str = _flag("triangular", "str", "learning-rate schedule over all steps, one of {schedules}")
+    train_size: int = _flag(0, "int", "train on the first N training images (count; 0: all)")
     eval_size: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    out: str = ""
+    seed: int = _flag(0, "int", "random seed of the initialisation, batch order and attacks (int)")
+    device: str = _flag("auto", "str", "where training runs: {devices}")
+    out: str = _flag("", "str", "run directory (empty: runs/METHOD-DATASET-MODEL-seedSEED, then -2, -3, ... when "
+                                "taken)")
     checkpoint_minutes: float = 10.0
-    max_steps: int = 0
+    max_steps: int = _flag(0, "int", "stop after this many optimizer steps in all (count; 0: no limit); the run "
+                                     "stays resumable")
     description: str = ""
     extra: dict = field(default_factory=dict)
 
