@@ -57,3 +57,22 @@ def test_run_dir_names_every_file_of_a_run(tmp_path):
     assert run.missing() == ["config.toml", "checkpoint.pt"]
     run.config.write_text("")
     assert run.missing() == ["checkpoint.pt"]
+
+
+def test_run_dir_claim_is_exclusive_and_release_gives_it_back(tmp_path):
+    from pyens.training.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.claim("method = 'mat'\n") is True
+    assert run.config.read_text() == "method = 'mat'\n"
+    assert RunDir(tmp_path / "run").claim("other") is False  # a second run never shares it
+    assert run.config.read_text() == "method = 'mat'\n"
+    run.metrics.write_text("")
+    run.release(remove_dir=True)
+    assert not run.path.exists()  # config and empty metrics gone, then the empty directory
+    assert run.claim("again") is True
+    run.metrics.write_text('{"epoch": 1}\n')  # a record: not the failed start's empty file
+    run.release(remove_dir=True)
+    assert sorted(p.name for p in run.path.iterdir()) == ["metrics.jsonl"]
+    run.checkpoint.write_bytes(b"x")  # a run written before claims existed is never claimed
+    assert run.claim("x") is False

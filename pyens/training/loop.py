@@ -5,7 +5,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pyens.training import checkpoint, distributed
 from pyens.training.config import TrainConfig, config_from_dict, load_config
 from pyens.training.methods import StepContext, get_method
 from pyens.training.run import build_network, classifier
-from pyens.training.run_dir import CHECKPOINT, CONFIG, METRICS, RunDir
+from pyens.training.run_dir import CHECKPOINT, RunDir
 from pyens.training.schedules import lr_at
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -110,7 +109,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, resume
         # The run could not start (data missing, network not buildable, ...): nothing was
         # trained, so the directory is not held; a kill here still leaves a resumable claim.
         if claimed:
-            _release(out, remove_dir=not existed)
+            RunDir(out).release(remove_dir=not existed)
         raise
     return trainer.fit()
 
@@ -126,6 +125,10 @@ def _run_dir(cfg: TrainConfig, resume: bool, d: distributed.Dist) -> Path:
     if d.main:
         out = _claim_run_dir(cfg, resume)
     return Path(distributed.broadcast_object(str(out) if out else None, d))
+
+
+def _claim(out: Path, cfg: TrainConfig) -> bool:
+    return RunDir(out).claim(dataclasses.replace(cfg, out=str(out)).to_toml())
 
 
 def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
@@ -144,42 +147,6 @@ def _claim_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         if not out.exists():
             return newest
         newest = out
-
-
-def _claim(out: Path, cfg: TrainConfig) -> bool:
-    """Create ``out/config.toml`` if no run holds ``out``; whether this call did.
-
-    The config goes into the claimed file at once, so a run killed before its first
-    checkpoint (while loading data, say) leaves a config that ``resume`` can start from. A
-    run that fails to start (an error while loading data or building the network) gives the
-    claim back (:func:`_release`), so the same ``out`` can be used again at once.
-    """
-    if RunDir(out).checkpoint.exists():  # a run from before directories were claimed
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(RunDir(out).config, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(dataclasses.replace(cfg, out=str(out)).to_toml())
-    return True
-
-
-def _release(out: Path, *, remove_dir: bool) -> None:
-    """Undo :func:`_claim` for a run that failed to start: its config.toml and empty
-    metrics.jsonl go, and the directory too when the claim created it and it is now empty."""
-    if RunDir(out).checkpoint.exists():  # never the case before training: be safe anyway
-        return
-    for name in (CONFIG, METRICS):
-        path = out / name
-        if path.exists() and (name == CONFIG or path.stat().st_size == 0):
-            path.unlink()
-    if remove_dir:
-        try:
-            out.rmdir()  # only if empty
-        except OSError:
-            pass
 
 
 def _resumed_config(out: Path, cfg: TrainConfig, keys: set) -> TrainConfig:
