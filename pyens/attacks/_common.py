@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pyens.nn._checks import integer_labels
+from pyens.checks import integer_labels, positive_int
 from pyens.ops import lp_project, lp_step
 from pyens.ops.lp_step import norm_code
 from pyens.ops.contract import L1, L2, LINF
@@ -51,10 +51,9 @@ def check_real(value, name: str) -> float:
 
 
 def check_count(value, name: str) -> int:
-    """An int ``>= 1`` (steps, restarts, k)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
+    """An int ``>= 1`` (steps, restarts, k): :func:`pyens.checks.positive_int` in the
+    value-first order of this module's checkers."""
+    return positive_int(name, value)
 
 
 def check_flag(value, name: str) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 
 
 class ImageDataset(Dataset):

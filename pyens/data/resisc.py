@@ -18,7 +18,7 @@ import numpy as np
 
 from pyens.data._files import check_split, require_dir
 from pyens.data.datasets import ImageFolderDataset
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 
 SUBDIR = "NWPU-RESISC45"
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})

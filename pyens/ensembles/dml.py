@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pyens.ensembles.consensus import RULES, consensus
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.distance_map import CENTERS, DistanceMap
 from pyens.nn.ensemble import Ensemble

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pyens.checks import positive_int
 from pyens.papers import NORMS, RADII  # per dataset: (linf, l2, l1), MAT paper App. C
 from pyens.papers import PAPER_ALPHA_TRIPLES as PAPER_ALPHA  # the paper's PGD steps, same order
 
@@ -470,8 +471,8 @@ def preset_attacks(preset: str = DEFAULT_PRESET, dataset: str | None = None, *, 
             raise ValueError(f"steps and restarts set PGD's in the {PGD_PRESETS} presets; the {preset!r} preset "
                              "sets its own (override them with params=)")
         for name, v in (("steps", steps), ("restarts", restarts)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            if v is not None:
+                positive_int(name, v)
         for norm, eps in zip(NORMS, _radii(dataset, radii)):
             change = {}
             if steps is not None:

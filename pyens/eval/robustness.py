@@ -81,7 +81,7 @@ def labelled(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_data(x, y) -> None:
     """The examples ``evaluate`` takes: float images ``[n, ...]`` (pixels in [0, 1]) on a real
     device and ``n >= 1`` integer labels ``[n]``; errors name ``data``."""
-    from pyens.nn._checks import integer_labels
+    from pyens.checks import integer_labels
 
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"evaluate: data's images must be a floating-point tensor of pixels in [0, 1] "

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 
 
 class _PoolTo(nn.Module):

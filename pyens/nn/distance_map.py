@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 
 FORMS = ("diag", "tril", "full")
 CENTERS = ("identity", "1d")

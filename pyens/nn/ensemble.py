@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.nn._checks import positive_int
+from pyens.checks import positive_int
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.normalize import Normalize
 

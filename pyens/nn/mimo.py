@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.nn._checks import integer_labels, positive_int, probability
+from pyens.checks import integer_labels, positive_int, probability
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.ensemble import MemberEnsemble
 from pyens.nn.normalize import Normalize

@@ -30,7 +30,7 @@ from typing import Sequence, Union
 import torch
 
 from pyens.ops._backend import Kernel, Op, register_op
-from pyens.ops.checks import count_arg, real_arg
+from pyens.checks import count_arg, real_arg
 from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, STEP
 
 Norm = Union[str, float, int]

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from pyens.ops._backend import Kernel, Op, register_op
-from pyens.ops.checks import count_arg, real_arg
+from pyens.checks import count_arg, real_arg
 from pyens.ops.contract import FORMS, acc_dtype
 
 _SEED_LIMIT = 2**63

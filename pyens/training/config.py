@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
-from pyens.nn._checks import probability
+from pyens.checks import positive_int, probability
 
 from pyens.papers import NORMS, PAPER_ALPHA, PAPER_EPS  # noqa: F401  (re-exported: configs' radii)
 
@@ -138,14 +138,14 @@ class TrainConfig:
         for p in norms:
             if p not in NORMS:
                 raise ValueError(f"norms: each must be one of {NORMS}, got {p!r}")
-        _positive_int(cfg.members, "members")
+        positive_int("members", cfg.members)
         norms = method.member_norms(norms, cfg.members)
         cfg.norms = norms
         cfg.eps = _per_norm(cfg.eps, norms, PAPER_EPS[cfg.dataset], "eps")
         cfg.alpha = _per_norm(cfg.alpha, norms, PAPER_ALPHA[cfg.dataset], "alpha")
         cfg.members = method.members(norms, cfg.members)
         for name in ("steps", "k", "epochs", "batch_size"):
-            _positive_int(getattr(cfg, name), name)
+            positive_int(name, getattr(cfg, name))
         cfg.eps_warmup = probability("eps_warmup", cfg.eps_warmup)
         for name in ("train_size", "max_steps"):
             if int(getattr(cfg, name)) < 0:
@@ -195,11 +195,6 @@ def _toml_value(v) -> str:
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _positive_int(v, name: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 def _choice(v, options, name: str) -> None:

@@ -1,7 +1,9 @@
-"""Argument checks of the ops' public functions; every error names the argument.
+"""Argument checks every layer of pyens imports (ops, nn, attacks' inputs, data, training
+configs); each error names the argument.
 
-The ops share them (lp_step's eps/alpha/k, mahalanobis' eps/sigma/samples) so that one kind
-of argument is checked, and worded, the same way everywhere.
+Two integer checks, on purpose: :func:`positive_int` for sizes and counts of models and
+configs (any non-int is a ValueError), and :func:`count_arg` for the ops' per-member
+parameters (a TypeError for a non-int, and a ``k`` beyond int64 means "longer than any row").
 """
 from __future__ import annotations
 
@@ -9,6 +11,29 @@ import math
 import numbers
 
 import torch
+
+
+def positive_int(arg: str, value) -> int:
+    """``value`` as an int >= 1 (bool, float and strings rejected); errors name ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{arg} must be a positive int; got {value!r}")
+    return int(value)
+
+
+def integer_labels(arg: str, y) -> None:
+    """``y`` must be an integer tensor (class labels); bool and float tensors are rejected."""
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{arg} must be an integer tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
+
+
+def probability(arg: str, value) -> float:
+    """``value`` as a float in [0, 1] (NaN rejected); errors name ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{arg} must be in [0, 1], got {value!r}")
+    return value
 
 
 def real_arg(v, name: str, *, allow_inf: bool) -> float:
