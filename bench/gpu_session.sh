@@ -42,7 +42,7 @@ trap 'tar czf "$OUT/$stage.tar.gz" -C "$RES" . ; echo "archived: $OUT/$stage.tar
 say() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 has_cuda_ops() {
-    "$PY" -c "import sys; from pyens.ops._backend import build_info; sys.exit(0 if build_info().get('cuda') else 1)" 2>/dev/null
+    "$PY" -c "import sys; from pyens.ops.dispatch import build_info; sys.exit(0 if build_info().get('cuda') else 1)" 2>/dev/null
 }
 
 selftest() {  # stops the stage (exit 1) when any case fails
@@ -60,7 +60,7 @@ build() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RES/gpu.txt"
     MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -30
     has_cuda_ops && return 0
-    "$PY" -c "from pyens.ops._backend import build_info; print('no CUDA kernels:', build_info())" >&2
+    "$PY" -c "from pyens.ops.dispatch import build_info; print('no CUDA kernels:', build_info())" >&2
     return 1
 }
 

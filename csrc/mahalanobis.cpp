@@ -20,7 +20,6 @@
 #include "mahalanobis.h"
 
 #include <ATen/Parallel.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -929,59 +928,6 @@ at::Tensor noise_cpu(const at::Tensor& like, int64_t seed, at::IntArrayRef shape
   return out;
 }
 
-// ---------------------------------------------------------------------------------------------
-// autograd in C++: the eager fast path of the compiled backends (CPU and CUDA). Python's
-// pyens.ops.mahalanobis calls pyens_C::mahalanobis_fwd directly for them, so a forward and
-// backward cost no Python frames beyond the call; the registered custom op pyens::mahalanobis
-// (register_autograd, same kernels) serves torch.compile.
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-class DistanceMap : public torch::autograd::Function<DistanceMap> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& P, const at::Tensor& c,
-                               int64_t form, double eps) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("pyens_C::mahalanobis_fwd", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>();
-    at::Tensor d, ut, v;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(d, ut, v) = op.call(x, P, c, form, eps);
-    }
-    ctx->save_for_backward({x, P, c, d, ut, v});
-    ctx->saved_data["form"] = form;
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({ut, v});
-    return {d, ut, v};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("pyens_C::mahalanobis_bwd", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, int64_t, double, std::array<bool, 3>)>();
-    const variable_list saved = ctx->get_saved_variables();
-    const std::array<bool, 3> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
-    if (!(needs[0] || needs[1] || needs[2])) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const at::Tensor g = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(saved[3]);
-    auto [dx, dP, dc] = op.call(g, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                                ctx->saved_data["form"].toInt(), ctx->saved_data["eps"].toDouble(), needs);
-    auto keep = [](at::Tensor t, bool need) { return need ? t : at::Tensor(); };
-    return {keep(dx, needs[0]), keep(dP, needs[1]), keep(dc, needs[2]), at::Tensor(), at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x, const at::Tensor& P,
-                                                            const at::Tensor& c, int64_t form, double eps) {
-  const variable_list out = DistanceMap::apply(x, P, c, form, eps);
-  return {out[0], out[1], out[2]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyens_C, m) {
@@ -1002,7 +948,6 @@ TORCH_LIBRARY_IMPL(pyens_C, CPU, m) {
   Ops::impl(m, &noise_cpu);
 }
 
-TORCH_LIBRARY_IMPL(pyens_C, Autograd, m) { m.impl("mahalanobis_fwd", &fwd_autograd); }
 
 }  // namespace maha
 }  // namespace pyens

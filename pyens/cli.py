@@ -39,13 +39,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from pyens.ops import backends, build_info
-    from pyens.ops._backend import _compiled
+    from pyens.ops.dispatch import compiled_extension
 
     print("versions:")
     for k, v in _versions().items():
         print(f"  {k:10s} {v}")
     print("build (pyens._C):")
-    mod, why = _compiled()
+    mod, why = compiled_extension()
     if mod is None:
         print(f"  not available: {why}")
     else:
@@ -132,7 +132,7 @@ def _csv(cast):
     return lambda text: tuple(cast(v) for v in text.split(",") if v)
 
 
-def _per_norm(text: str):
+def per_norm_arg(text: str):
     """``--eps``/``--alpha``: ``linf=0.3,l2=2,l1=10`` (a ``{norm: value}`` table, as in the config
     files) or a bare list ``0.3,2,10`` (one value per member, in the order of the norms); a
     value may be a fraction, ``linf=8/255``."""
@@ -185,7 +185,7 @@ _PER_NORM_HELP = ("as NORM=VALUE per norm ({example}; norms not named keep the c
 
 
 _CASTS = {"str": str, "int": int, "float": float, "bool": _bool, "csv_str": _csv(str), "csv_int": _csv(int),
-          "per_norm": _per_norm}
+          "per_norm": per_norm_arg}
 
 
 def _train_flags() -> dict[str, tuple]:
@@ -308,7 +308,7 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pyens.eval import format_table
     from pyens.eval.catalogue import preset_attacks
     from pyens.eval.run_report import evaluate_run
-    from pyens._files import atomic_write_text
+    from pyens.atomic_files import atomic_write_text
     from pyens.training.run_dir import RunDir
 
     device = _check_eval_flags(args)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def add_model_flags(ev: argparse.ArgumentParser) -> None:
     """The flags of ``pyens eval`` for a model from elsewhere, its data and its threat model."""
-    from pyens.cli import _per_norm
+    from pyens.cli import per_norm_arg
     from pyens.data import NAMES
     from pyens.eval.foreign import AUTOCAST, NORMALIZE_PRESETS
 
@@ -52,10 +52,10 @@ def add_model_flags(ev: argparse.ArgumentParser) -> None:
     t.add_argument("--threat", default=None, metavar="NAME",
                    help="a named threat model (pyens eval --list-threats); --eps values replace its radii "
                         "(default: the MAT paper's radii of a pyens run's or a named dataset)")
-    t.add_argument("--eps", type=_per_norm, default=None, metavar="NORM=EPS,...",
+    t.add_argument("--eps", type=per_norm_arg, default=None, metavar="NORM=EPS,...",
                    help="radii in pixel units, fractions allowed: linf=8/255,l2=0.5,l1=12; without --threat only "
                         "the norms named are attacked (default: none)")
-    t.add_argument("--alpha", type=_per_norm, default=None, metavar="NORM=STEP,...",
+    t.add_argument("--alpha", type=per_norm_arg, default=None, metavar="NORM=STEP,...",
                    help="PGD step sizes per norm (default: 2.5 eps / steps; l1: max(10 eps / steps, eps / 20))")
     t.add_argument("--list-threats", action="store_true", help="list the named threat models with their sources")
     ev.add_argument("--summary", action="store_true",
@@ -118,9 +118,9 @@ def evaluate_model(args: argparse.Namespace) -> int:
     )
     from pyens.eval.results import format_table
     from pyens.eval.robustness import evaluate, labelled
-    from pyens.eval.sanity import MASKING
+    from pyens.eval.sanity import MASKING_VERDICT
     from pyens.eval.threats import threat_model, threat_specs
-    from pyens._files import atomic_write_text
+    from pyens.atomic_files import atomic_write_text
     from pyens.training.run_dir import RunDir
 
     device = _check_eval_flags(args)
@@ -170,7 +170,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
         for v in c.violations:
             print(f"    - {v}")
     if any(c.passed is False for c in checks):
-        print(f"verdict: {MASKING}")
+        print(f"verdict: {MASKING_VERDICT}")
     print(f"saved {out / 'eval.json'} and {out / 'eval.md'} (torch {torch.__version__})")
     return 0
 

@@ -49,6 +49,12 @@ DEVICES = [pytest.param("cpu", id="cpu"),
                not CUDA, reason="no CUDA device is visible to torch")])]
 
 
+# The two ways an eager call of a public op runs (pyens.ops.dispatch.RegisteredOp): its fast
+# path, and through the registered torch.library op (the path of torch.compile and opcheck);
+# the ops' correctness tests run both.
+CALL_PATHS = ["function", "op"]
+
+
 def backend_params(op: str, candidates=("reference", "cpu", "triton")):
     """pytest params for every backend; unavailable ones are skipped with the reason."""
     out = []
@@ -56,7 +62,7 @@ def backend_params(op: str, candidates=("reference", "cpu", "triton")):
     for name in candidates:
         marks = []
         if name not in usable and name not in REQUIRED:
-            from pyens.ops._backend import OPS
+            from pyens.ops.dispatch import OPS
 
             marks.append(pytest.mark.skip(reason=f"{name}: {OPS[op].why_not(name, 'cpu')}"))
         out.append(pytest.param(name, marks=marks, id=name))
@@ -66,7 +72,7 @@ def backend_params(op: str, candidates=("reference", "cpu", "triton")):
 def gpu_backend_params(op: str, candidates=("cuda", "triton")):
     """pytest params (marked cuda) for the backends that run ``op`` on CUDA tensors; skipped
     with the reason where they cannot (no GPU, a CPU build, no triton)."""
-    from pyens.ops._backend import OPS
+    from pyens.ops.dispatch import OPS
 
     out = []
     for name in candidates:

@@ -6,7 +6,6 @@ that comparisons can be tight.
 """
 import contextlib
 import copy
-import importlib
 import math
 
 import pytest
@@ -24,8 +23,8 @@ from pyens.attacks import (
     mimo_gradient,
     mimo_msd,
     mimo_pgd,
+    random_start,
 )
-from pyens.attacks._common import random_start
 from pyens.ops import lp_step
 from tests.conftest import assert_close
 
@@ -37,7 +36,7 @@ ORD = {"linf": math.inf, "l2": 2, "l1": 1}
 M = 3                                           # MIMO members
 CLASSES = 3
 TOL = 1e-9                                      # float64 slack on norms and the box
-lp_step_module = importlib.import_module("pyens.ops.lp_step")  # (pyens.ops.lp_step is also the function)
+from pyens.ops.lp_step import LP_STEP  # the registered op; its .impl runs once per launch
 
 
 def make_data(shape, seed):
@@ -130,13 +129,13 @@ def count_passes(model, monkeypatch):
         if args[0].requires_grad:
             args[0].register_hook(lambda g: n.__setitem__("backward", n["backward"] + 1))
 
-    impl = lp_step_module._lp_step_impl
+    impl = LP_STEP.impl
 
     def counting_impl(*args, **kwargs):
         n["lp_step"] += 1
         return impl(*args, **kwargs)
 
-    monkeypatch.setattr(lp_step_module, "_lp_step_impl", counting_impl)
+    monkeypatch.setattr(LP_STEP, "impl", counting_impl)
     handle = model.register_forward_pre_hook(pre)
     try:
         yield n

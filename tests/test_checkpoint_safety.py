@@ -63,7 +63,10 @@ def _assert_same_weights(a: dict, b: dict):
 def _old_format(state: dict) -> dict:
     """The state as pyens wrote it before: NumPy's RNG state as np.random.get_state()'s tuple."""
     old = dict(state, rng=dict(state["rng"]))
-    old["rng"]["numpy"] = checkpoint._numpy_tuple(state["rng"]["numpy"])
+    # spelled out here, not converted by pyens: the old format is numpy's own, whatever pyens does
+    numpy = state["rng"]["numpy"]
+    old["rng"]["numpy"] = (numpy["name"], numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                           numpy["has_gauss"], numpy["cached_gaussian"])
     old["history"] = [dict(h, train_loss=np.float64(h["train_loss"])) for h in state["history"]]
     return old
 

@@ -196,6 +196,7 @@ class TwoMembers(torch.nn.Module):
 def test_dml_report_clever_table_and_flags(tmp_path, monkeypatch):
     from pyens.eval import clever_score as C
     from pyens.eval import dml as E
+    from pyens.eval.markdown import clever_markdown, dml_markdown
     from pyens.eval.plots import plot_clever
 
     net = TwoMembers()
@@ -212,7 +213,7 @@ def test_dml_report_clever_table_and_flags(tmp_path, monkeypatch):
     both = [[v if v is not None else math.inf for v in t[key]] for key in ("distance_cw", "distance_pgd")]
     assert t["distance"] == [min(a, b) for a, b in zip(*both)] and math.isfinite(sum(both[1]))
     assert "images 3 (paper preset 1000)" in report["clever"]["reductions"]
-    md = E.render_markdown(report)
+    md = dml_markdown(report)
     assert "CLEVER scores (Fig. 1, A.6)" in md and "| lin | 3 | 3 | 0 | 0 | 0 | 0 | 3 |" in md
     assert plot_clever(report["clever"], tmp_path / "c.png").stat().st_size > 0
 
@@ -228,7 +229,7 @@ def test_dml_report_clever_table_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "clever", claims_radius)
     t = E.clever_table(net, x, y, batches=3, samples=2, pool=1, cw_steps=30, progress=False)
     assert t["flagged"] == [True, True, True] and t["flagged_count"] == 3 and t["found"] == 3
-    assert "Images where CLEVER exceeds" in E._clever_md({"radius": 2.0, "models": {"lin": t}})
+    assert "Images where CLEVER exceeds" in clever_markdown({"radius": 2.0, "models": {"lin": t}})
 
     # a score equal to the distance found up to float32 rounding (a capped score against PGD on
     # the sphere of that radius) is no contradiction; 1 % more is

@@ -222,26 +222,6 @@ def test_a_failed_start_does_not_lock_its_run_directory(tmp_path, capsys):
     assert kept.is_dir() and not list(kept.iterdir())
 
 
-def test_progress_is_a_line_every_few_seconds_when_not_a_terminal():
-    import io
-
-    from pyens._progress import LineProgress, progress
-
-    log = io.StringIO()
-    assert isinstance(progress(10, "x", file=log), LineProgress)
-    now = [0.0]
-    bar = LineProgress(1000, "mat mnist", file=log, interval=10.0, clock=lambda: now[0])
-    for _ in range(1000):  # 1000 batches over 50 s: a line per 10 s, not a frame per batch
-        now[0] += 0.05
-        bar.update(1)
-        bar.set_postfix(loss="0.123", refresh=False)
-    bar.close()
-    lines = log.getvalue().splitlines()
-    assert 5 <= len(lines) <= 6 and "\r" not in log.getvalue()
-    assert lines[0].startswith("mat mnist: 200/1000 batch (20%), 0:10 elapsed, 20 batch/s, eta 0:40, loss=0.123")
-    assert lines[-1].startswith("mat mnist: 1000/1000 batch (100%), 0:50 elapsed")
-
-
 def test_train_in_a_log_writes_lines_not_bar_frames(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyens", "train", *TINY, "--out", str(tmp_path / "r"),
                            "--no-eval"], capture_output=True, text=True, timeout=300,
@@ -280,18 +260,19 @@ def test_only_rank_0_prints(monkeypatch, capsys, tmp_path):
 def test_train_flags_are_derived_from_the_config_fields(capsys):
     """Issue 21: `pyens train`'s flags are TrainConfig's fields that carry CLI metadata, with the
     field's own help text; no hand-kept copy can drift."""
-    from pyens.cli import _train_flags, build_parser
+    from pyens.cli import build_parser
     from pyens.training.config import TrainConfig, cli_fields
 
     fields = cli_fields()
     assert {f.name for f in fields} <= set(TrainConfig.__dataclass_fields__)
-    assert list(_train_flags()) == [f.name for f in fields]
-    assert {"momentum", "eval_size", "checkpoint_minutes", "description", "extra"}.isdisjoint(_train_flags())
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    config_flags = [a.dest for a in train._actions if a.dest in TrainConfig.__dataclass_fields__]
+    assert config_flags == [f.name for f in fields]
+    assert {"momentum", "eval_size", "checkpoint_minutes", "description", "extra"}.isdisjoint(config_flags)
     by_dest = {a.dest: a for a in train._actions}
     for f in fields:
         assert by_dest[f.name].option_strings == ["--" + f.name.replace("_", "-")]
-        assert "{" not in _train_flags()[f.name][1]  # every placeholder filled
-        assert _train_flags()[f.name][1].split(" {")[0] in by_dest[f.name].help
+        assert "{" not in by_dest[f.name].help  # every placeholder filled
+        assert f.metadata["help"].split(" {")[0] in by_dest[f.name].help
     ns = build_parser().parse_args(["train", "--k-range", "5,20", "--random-start", "true", "--eps", "linf=0.1"])
     assert ns.k_range == (5, 20) and ns.random_start is True and ns.eps == {"linf": 0.1}

@@ -332,21 +332,27 @@ def test_eval_tables_run_on_a_tiny_ensemble():
     assert all(d.randomized for d in r.dmls) and not any(d.randomized for d in net.dmls)
 
 
-def test_honesty_reads_the_signs():
-    from pyens.eval.dml import honesty
+def test_masking_checks_read_the_signs():
+    from pyens.eval.dml import masking_checks
+    from pyens.eval.sanity import NO_MASKING_VERDICT, verdict
 
     eps = [0.0, 0.1, 0.3, 0.5]
-    masked = {"eps": eps, "long": 100, "accuracy": {
+    masked = {"eps": eps, "long": 100, "n": 100, "accuracy": {
         "FGSM": [0.99, 0.6, 0.4, 0.3], "BIM-10": [0.99, 0.95, 0.9, 0.9],
         "PGD-10": [0.99, 0.8, 0.7, 0.75], "PGD-long": [0.99, 0.7, 0.6, 0.6]}}
-    h = honesty(masked, gradients={"zero_grad": 0.2, "saturated": 0.3},
-                transfer_check={"source": "ensemble", "transfer": 0.5, "white_box": 0.7})
-    text = " ".join(h["signs"])
-    for sign in ("does not fall towards 0", "rises with eps", "FGSM beats PGD-10", "far from converged",
-                 "only a random start", "zero input gradients", "transfer attack beats"):
+    checks = masking_checks(masked, gradients={"zero_grad": 0.2, "saturated": 0.3, "n": 100},
+                            transfer_check={"source": "ensemble", "transfer": 0.5, "white_box": 0.7, "n": 100})
+    assert [c.name for c in checks if c.passed is False] == [
+        "accuracy falls towards 0 at the largest radius", "accuracy non-increasing in eps",
+        "FGSM not stronger than PGD", "BIM (from the input) not much weaker than PGD (random start)",
+        "more PGD steps gain little", "input gradients rarely exactly zero",
+        "transfer from another model not stronger than white-box"]
+    text = " ".join(c.detail + " ".join(c.violations) for c in checks if c.passed is False)
+    for sign in ("does not fall towards 0", "PGD-10: 75.0% at eps 0.5 > 70.0%", "single step is stronger",
+                 "far from converged", "only a random start", "zero input gradients", "transfer attack beats"):
         assert sign in text, sign
-    clean = {"eps": eps, "long": 100, "accuracy": {a: [0.99, 0.5, 0.1, 0.0] for a in masked["accuracy"]}}
-    assert honesty(clean)["verdict"] == "no sign of gradient masking found"
+    clean = {"eps": eps, "long": 100, "n": 100, "accuracy": {a: [0.99, 0.5, 0.1, 0.0] for a in masked["accuracy"]}}
+    assert verdict(masking_checks(clean)) == NO_MASKING_VERDICT
 
 
 def test_positive_logits_fix_torchattacks_cw_on_distance_logits():
@@ -371,13 +377,15 @@ def test_positive_logits_fix_torchattacks_cw_on_distance_logits():
 
 def test_render_markdown_and_plot(tmp_path):
     from pyens.eval import dml as E
+    from pyens.eval.markdown import dml_markdown
 
     net = _net(2)
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
     report = E.dml_report({"dml": net}, (x, y), tables=("transfer", "curve"), n=4, progress=False,
                           budget={"curve_eps": (0.0, 0.2), "curve_long": 3}, log=lambda *_: None)
-    md = E.render_markdown(report)
+    md = dml_markdown(report)
     assert "Table 4 layout" in md and "Fig. 18" in md and "Honesty check" in md
+    assert [c["name"] for c in report["honesty"]["dml"]] == [c.name for c in E.masking_checks()]
     from pyens.eval.plots import plot_dml_curves
 
     assert plot_dml_curves(report["curve"], tmp_path / "c.png").stat().st_size > 0

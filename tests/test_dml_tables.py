@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pyens.eval import dml as E
+from pyens.eval.markdown import dml_markdown
 from pyens.nn import Ensemble
 from tests.eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 
@@ -143,8 +144,8 @@ def test_distortion_curve_and_surrogates_are_the_closed_form():
     rep = E.surrogate_check(pixel_net(), (x, y), steps=3, n=6, progress=False)
     assert [rep.accuracy(a.name) for a in rep.attacks] == [0.5] * 5  # every surrogate is monotone in every pixel
     assert rep.accuracies()["All linf"] == 0.5 and rep.attacks[0].name == "PGD-3 sum, CE (paper)"
-    h = E.honesty(c, rep)
-    assert h["signs"] == [] and h["verdict"] == "no sign of gradient masking found"
+    checks = E.masking_checks(c, rep)
+    assert [c.passed for c in checks] == [True] * 6 + [None] * 4  # curve and surrogates: all pass
 
 
 def test_gradient_stats_zero_and_saturated():
@@ -158,12 +159,16 @@ def test_transfer_between_an_inverted_source_and_the_pixel_vote():
     x, y = data()
     # the inverted members' worst case is the pixel vote's best: the transfer pushes towards the right class
     t = E.transfer_between(pixel_net(-1.0), pixel_net(), x, y, eps=0.2)
-    assert t == {"transfer": _acc(_corner(0.2, "right")), "white_box": _acc(_corner(0.2)), "eps": 0.2, "steps": 10}
-    h = E.honesty(transfer_check={"source": "inverted", **t})
-    assert h["signs"] == [] and h["checks"] == ["PGD-10 transferred from inverted: 83.3% vs white-box 50.0%"]
-    h = E.honesty(transfer_check={"source": "s", "transfer": t["white_box"], "white_box": t["transfer"]})
-    assert h["signs"] == ["PGD-10 transferred from s: 50.0% vs white-box 83.3% - a transfer attack beats the "
-                          "white-box one"]
+    assert t == {"transfer": _acc(_corner(0.2, "right")), "white_box": _acc(_corner(0.2)), "eps": 0.2, "steps": 10,
+                 "n": 6}
+    check = E.masking_checks(transfer_check={"source": "inverted", **t})[7]
+    assert check.passed
+    assert check.detail == "PGD crafted on inverted vs white-box PGD on 6 examples, tolerance 50.0 points"
+    swapped = {"source": "s", "transfer": t["white_box"], "white_box": t["transfer"]}
+    # 33 points stronger: within the 3 examples of 6 that sampling noise may move, beyond it on 60
+    assert E.masking_checks(transfer_check={**swapped, "n": 6})[7].passed
+    assert E.masking_checks(transfer_check={**swapped, "n": 60})[7].violations == [
+        "transferred from s: 50.0% < white-box 83.3% - a transfer attack beats the white-box one"]
 
 
 def _radius(sigma, n, alpha):
@@ -253,25 +258,23 @@ def test_autoattack_table_finds_the_corner(monkeypatch):
         assert broken.tolist() == (~rep.robust(parent.name)).tolist()
 
 
-def test_honesty_reads_surrogates_and_cw_by_value():
+def test_masking_checks_read_surrogates_and_cw_by_value():
     from pyens.eval import AttackResult, RobustnessReport
 
-    t = lambda *v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    t = lambda *v: torch.tensor(v * 25, dtype=torch.bool)  # noqa: E731 - 100 examples: a 5-point margin
     rows = [AttackResult("paper", "linf", t(1, 1, 1, 0), eps=0.2), AttackResult("margin", "linf", t(1, 0, 1, 1)),
             AttackResult("soft", "linf", t(0, 1, 1, 1))]
     rep = RobustnessReport("m", t(1, 1, 1, 1), rows)
-    h = E.honesty(surrogates=rep)
-    assert h["signs"] == ["surrogates at eps 0.2: paper's (sum, CE) 75.0%, strongest 'paper' 75.0%, per-example "
-                          "best 25.0% - the paper's attack surrogate understates the attack"]
-    cw = {"n": 10, "c1": {"accuracy": 0.9}, "ladder": {"accuracy": 0.2, "median_l2": 1.5},
+    failed = lambda checks: [v for c in checks if c.passed is False for v in c.violations]  # noqa: E731
+    assert failed(E.masking_checks(surrogates=rep)) == [
+        "'paper' 75.0%, per-example best 25.0% (strongest alone 'paper' 75.0%) - the paper's attack surrogate "
+        "understates the attack"]
+    cw = {"n": 100, "c1": {"accuracy": 0.9}, "ladder": {"accuracy": 0.2, "median_l2": 1.5},
           "unshifted": {"accuracy": 1.0}}
-    h = E.honesty(cw=cw)
-    assert h["signs"] == [
-        "CW c = 1: 90.0% vs CW c in (1, 10, 100): 20.0% (median l2 of its adversarial examples 1.50, first 10 images)"
-        " - the fixed-c CW number reflects the logit scale, not robustness",
-        "CW c = 1 on the raw logits (torchattacks as it is): 100.0% vs 90.0% on shifted logits - torchattacks' CW "
-        "loses its gradient on these logits; its number is void"]
-    assert E.honesty(cw={**cw, "c1": {"accuracy": 0.2}, "unshifted": {"accuracy": 0.21}})["signs"] == []
+    assert failed(E.masking_checks(cw=cw)) == [
+        "CW c = 1 90.0% > ladder 20.0% - the fixed-c CW number reflects the logit scale, not robustness",
+        "raw logits 100.0% > shifted 90.0% - torchattacks' CW loses its gradient on these logits; its number is void"]
+    assert failed(E.masking_checks(cw={**cw, "c1": {"accuracy": 0.2}, "unshifted": {"accuracy": 0.21}})) == []
 
 
 def test_render_markdown_lays_out_the_values():
@@ -282,7 +285,7 @@ def test_render_markdown_lays_out_the_values():
               "table5": {"pixels": {"c": 1.0, "steps": 300, "lr": 0.05, "n": 6, "columns": {
                   "Model 1": {"accuracy": 0.0, "success": 1.0, "distortion": 0.15}}}},
               "certified": {"pixels": {"radii": [0.0, 0.5], "curves": {"plain, sigma=0.25": {"0.0": 0.5, "0.5": 0.0}}}}}
-    md = E.render_markdown(report)
+    md = dml_markdown(report)
     for line in ("### PGD-10 crafted on Model 1, eps 0.1 (Table 4 layout)", "| pixels | Ensemble | Model 1 |",
                  "| Benign | 83.33 | 100.00 |", "| Untargeted | 50.00 | 33.33 |",
                  "| Targeted: target reached | 25.00 | - |",

@@ -153,18 +153,22 @@ def test_normalize_parsing():
 
 # -- threat models ---------------------------------------------------------------------------
 
-def test_eps_parsing_takes_fractions_and_names_bad_input():
-    import argparse
-
-    from pyens.cli import _per_norm
+def test_eps_parsing_takes_fractions_and_names_bad_input(capsys):
+    from pyens.cli import build_parser
     from pyens.eval.threats import parse_number
 
-    assert _per_norm("linf=8/255,l2=0.5,l1=12") == {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
-    assert _per_norm("0.3,2/1") == (0.3, 2.0)
+    def eps(text):
+        return build_parser().parse_args(["eval", "run", "--eps", text]).eps
+
+    assert eps("linf=8/255,l2=0.5,l1=12") == {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
+    assert eps("0.3,2/1") == (0.3, 2.0)
     assert parse_number(" 4 / 255 ") == 4 / 255
-    for bad in ("linf=8/0", "linf=x", "lq=1", "linf=1,linf=2"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            _per_norm(bad)
+    for bad, said in (("linf=8/0", "expected numbers or fractions"), ("linf=x", "expected numbers or fractions"),
+                      ("lq=1", "expected NORM=VALUE with NORM one of linf, l2, l1, got 'lq=1'"),
+                      ("linf=1,linf=2", "linf given twice")):
+        with pytest.raises(SystemExit):
+            eps(bad)
+        assert f"argument --eps: {said}" in capsys.readouterr().err
 
 
 def test_threat_presets_and_their_attacks():

@@ -1,7 +1,7 @@
-"""pyens._files: the one atomic-write implementation every writer of pyens uses."""
+"""pyens.atomic_files: the one atomic-write implementation every writer of pyens uses."""
 import pytest
 
-from pyens._files import atomic_write, atomic_write_text, remove_stray_temporaries
+from pyens.atomic_files import atomic_write, atomic_write_text, remove_stray_temporaries
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyens.ops import mahalanobis, mahalanobis_noise, randomized_mahalanobis, selftest, use_backend
-from pyens.ops._backend import OPS, forget_choices
+from pyens.ops.dispatch import OPS, forget_choices
 from pyens.reference import mahalanobis as ref
 from pyens.reference.lp_step import lp_rows as reference_rows
 from tests.conftest import DEVICES, TOLERANCES, assert_close, backend_params, gpu_backend_params
@@ -94,7 +94,7 @@ def test_lp_rows_at_the_shared_memory_edges(backend, dtype):
     4022-4096, project 6032-6144, direction 12064-12288; f64 step 1990-2048, project 2984-3072)."""
     kernel = _kernel("lp_step", backend)
     rtol, atol = TOLERANCES[dtype]
-    for n in selftest._SMEM_EDGES[dtype]:
+    for n in selftest.SMEM_EDGES[dtype]:
         d, g, x = (t.cuda() for t in selftest.make_rows(3, n, dtype, n))
         for mode, norm in ((0, 1), (1, 2), (2, 1), (2, 2)):
             args = ([norm], [2.0 if norm == 1 else 10.0], [0.1], [20], 0.0, 1.0, True)
@@ -237,19 +237,17 @@ def test_uncovered_compute_capability_falls_back(monkeypatch):
     reference) runs, and the reason names the capability."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device is visible to torch")
-    from pyens.ops import _backend
+    from pyens.ops import dispatch
 
-    info = dict(_backend.build_info(), cuda=True, cuda_archs="35-real")
-    monkeypatch.setattr(_backend, "build_info", lambda: info)
-    monkeypatch.setattr(_backend, "_compiled", lambda: (type("M", (), {"build_info": staticmethod(lambda: info)}),
-                                                        None))
-    _backend._cuda_arch_uncovered.cache_clear()
+    info = dict(dispatch.build_info(), cuda=True, cuda_archs="35-real")
+    monkeypatch.setattr(dispatch, "build_info", lambda: info)
+    monkeypatch.setattr(dispatch, "compiled_extension",
+                        lambda: (type("M", (), {"build_info": staticmethod(lambda: info)}), None))
     forget_choices()
     try:
         why = OPS["lp_step"].why_not("cuda", "cuda")
         assert why and "compute capability" in why and "TORCH_CUDA_ARCH_LIST" in why
         assert OPS["lp_step"].report("cuda")["selected"] != "cuda"
     finally:
-        _backend._cuda_arch_uncovered.cache_clear()
         forget_choices()
 

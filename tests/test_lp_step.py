@@ -4,6 +4,8 @@ The reference itself is checked against a generic QP solver (scipy) on small row
 chain "backend == reference == true projection" has no untested link.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,17 +13,36 @@ from hypothesis import given, settings, strategies as st
 
 import pyens
 from pyens.ops import lp_project, lp_step, steepest_direction, use_backend
-from pyens.ops._backend import forget_choices
-from pyens.ops.contract import L1, L2, LINF
+from pyens.ops.dispatch import forget_choices, through_registered_ops
+from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT
 from pyens.ops.selftest import make_rows  # rows with the hard cases built in
 from pyens.reference.lp_step import lp_rows as reference_rows
-from tests.conftest import TOLERANCES, assert_close, backend_params
+from tests.conftest import CALL_PATHS, TOLERANCES, assert_close, backend_params
 
 PAPER = {LINF: (0.3, 0.01), L2: (2.0, 0.1), L1: (10.0, 0.8)}  # MNIST eps, alpha (Appendix C)
+NAMES = {LINF: "linf", L2: "l2", L1: "l1"}
+
+
+def run_path(path, backend, mode, d, g, x, norms, eps, alpha, k, lo, hi, exact):
+    """The public function of ``mode`` on rows ``[R, n]`` laid out as ``[R/M, M, n]``, on its
+    eager fast path (``path="function"``) or through the registered op (``path="op"``)."""
+    m = len(norms)
+    shape = (d.shape[0] // m, m, d.shape[1])
+    d3, g3, x3 = (t.reshape(shape) for t in (d, g, x))
+    kw = dict(norm=[NAMES[c] for c in norms], box=(lo, hi), members=m)
+    projection = "exact" if exact else "sequential"
+    with use_backend(backend), (through_registered_ops() if path == "op" else contextlib.nullcontext()):
+        if mode == PROJECT:
+            out = lp_project(d3, x3, eps=eps, projection=projection, **kw)
+        elif mode == DIRECTION:
+            out = steepest_direction(g3, x3, d3, k=k, **kw)
+        else:
+            out = lp_step(d3, g3, x3, eps=eps, alpha=alpha, k=k, projection=projection, **kw)
+    return out.reshape(d.shape)
 
 
 def run_backend(backend, *args):
-    from pyens.ops._backend import OPS
+    from pyens.ops.dispatch import OPS
 
     with use_backend(backend):
         _, kernel = OPS["lp_step"].select(args[3].device, args[3].dtype, args[3].shape[1])
@@ -87,7 +108,9 @@ def test_reference_l1_direction_by_hand():
 SIZES = [1, 7, 784, 3072]
 
 
-def _compare(backend, mode, norms, dtype, n, exact, seed, eps=None, alpha=None, k=None, rows=None):
+def _compare(backend, mode, norms, dtype, n, exact, seed, eps=None, alpha=None, k=None, rows=None, path=None):
+    """Backend vs the float64 reference; ``path`` None runs the kernel itself, "function" and
+    "op" the public function on its fast path and through the registered op."""
     m = len(norms)
     rows = rows or (2 * m if backend == "triton" else max(6, 2 * m))
     rows = -(-rows // m) * m
@@ -96,9 +119,12 @@ def _compare(backend, mode, norms, dtype, n, exact, seed, eps=None, alpha=None, 
     alpha = alpha or [PAPER[c][1] for c in norms]
     k = k or [20] * m
     args = (mode, d, g, x, norms, eps, alpha, k, 0.0, 1.0, exact)
-    got, flags = run_backend(backend, *args)
+    if path is None:
+        got, flags = run_backend(backend, *args)
+        assert flags.item() == 0
+    else:
+        got = run_path(path, backend, *args)
     want, _ = reference_rows(mode, d.double(), g.double(), x.double(), norms, eps, alpha, k, 0.0, 1.0, exact)
-    assert flags.item() == 0
     assert got.dtype == dtype and got.shape == d.shape
     rtol, atol = TOLERANCES[dtype]
     scale = max(1.0, max(eps)) if mode != 1 else 1.0
@@ -111,9 +137,10 @@ def _compare(backend, mode, norms, dtype, n, exact, seed, eps=None, alpha=None, 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("norm", [LINF, L2, L1], ids=["linf", "l2", "l1"])
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["project", "direction", "step"])
-def test_backend_matches_reference(backend, dtype, n, norm, mode):
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_backend_matches_reference(backend, dtype, n, norm, mode, path):
     for exact in ([True, False] if mode != 1 else [True]):
-        got, want = _compare(backend, mode, [norm], dtype, n, exact, seed=n + 7 * norm + 31 * mode)
+        got, want = _compare(backend, mode, [norm], dtype, n, exact, seed=n + 7 * norm + 31 * mode, path=path)
         if mode == 1 and norm == L1:  # discrete selection: must be the same coordinates
             assert torch.equal(got != 0, want.to(got.dtype) != 0)
 
@@ -136,10 +163,11 @@ def test_cpu_l1_top_k_around_its_groups(n, k):
 @pytest.mark.parametrize("backend", backend_params("lp_step"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("n", [7, 784])
-def test_mixed_members_one_launch(backend, dtype, n):
+@pytest.mark.parametrize("path", [None, *CALL_PATHS])
+def test_mixed_members_one_launch(backend, dtype, n, path):
     """MAT's inner step: members (l1, l2, linf) with their own eps/alpha/k in one call."""
     for mode in (0, 1, 2):
-        _compare(backend, mode, [L1, L2, LINF], dtype, n, True, seed=5 + mode, k=[5, 20, 20])
+        _compare(backend, mode, [L1, L2, LINF], dtype, n, True, seed=5 + mode, k=[5, 20, 20], path=path)
 
 
 @pytest.mark.parametrize("backend", backend_params("lp_step"))
@@ -429,7 +457,7 @@ def _args():
     (dict(norm=("l1", "l2", "linf"), eps=(1.0, 2.0), alpha=0.1), ValueError, "must share one length"),
     (dict(norm=("l1", "l2", "linf"), eps=(1.0, -2.0, 3.0), alpha=0.1, members=3), ValueError, r"eps\[1\] must be >= 0"),
     (dict(norm="l2", eps=1.0, alpha=0.1, box=(1.0, 0.0)), ValueError, "box must be finite with lo <= hi"),
-    (dict(norm="l2", eps=1.0, alpha=0.1, projection="fast"), ValueError, "projection must be 'exact' or 'sequential'"),
+    (dict(norm="l2", eps=1.0, alpha=0.1, projection="fast"), ValueError, r"projection must be one of \('exact', 'sequential'\)"),
 ])
 def test_bad_parameters(kwargs, exc, match):
     d, g, x = _args()
@@ -485,9 +513,9 @@ def test_required_backends_are_present():
 
 def test_triton_limit_matches_kernel():
     triton_kernels = pytest.importorskip("pyens.kernels.lp_step")
-    from pyens.ops.lp_step import _triton_max_n
+    from pyens.ops.lp_step import TRITON_MAX_N
 
-    assert triton_kernels.MAX_N == _triton_max_n()
+    assert triton_kernels.MAX_N == TRITON_MAX_N
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params("lp_step", ("triton",))])

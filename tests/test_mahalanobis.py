@@ -6,6 +6,7 @@ Gradients are compared with float64 autograd of the plain formula (the reference
 checked by gradcheck.  The Triton backend runs under TRITON_INTERPRET=1 here (slow): it gets
 small shapes.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -15,9 +16,11 @@ from hypothesis import given, settings, strategies as st
 
 import pyens
 from pyens.ops import mahalanobis, mahalanobis_noise, randomized_mahalanobis, use_backend
+from pyens.ops.dispatch import through_registered_ops
+from pyens.ops.mahalanobis import MAHALANOBIS_BACKWARD
 from pyens.ops.selftest import make_points as make  # x, P, centers (one sample on a center)
 from pyens.reference import mahalanobis as ref
-from tests.conftest import TOLERANCES, assert_close, backend_params
+from tests.conftest import CALL_PATHS, TOLERANCES, assert_close, backend_params
 
 FORMS = ("diag", "tril", "full")
 BACKENDS = backend_params("mahalanobis")
@@ -31,10 +34,15 @@ def reference_grads(x, P, c, form, eps=1e-12, weights=None):
     return (d.detach(), *torch.autograd.grad(d, ins, w))
 
 
-def run(backend, fn, *tensors, weights=None, **kw):
-    """Forward and gradients of ``fn`` on ``backend``."""
+def on_path(path):
+    """The eager fast path (``"function"``) or the registered op (``"op"``)."""
+    return through_registered_ops() if path == "op" else contextlib.nullcontext()
+
+
+def run(backend, fn, *tensors, weights=None, path="function", **kw):
+    """Forward and gradients of ``fn`` on ``backend``, on call path ``path``."""
     ins = [t.detach().clone().requires_grad_() for t in tensors]
-    with use_backend(backend):
+    with use_backend(backend), on_path(path):
         d = fn(*ins, **kw)
         w = torch.ones_like(d) if weights is None else weights.to(d.dtype)
         return (d.detach(), *torch.autograd.grad(d, ins, w))
@@ -130,11 +138,12 @@ def _shapes(backend):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-x", "member-x"])
 @pytest.mark.parametrize("form", FORMS)
-def test_backend_matches_reference(backend, dtype, shared, form):
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_backend_matches_reference(backend, dtype, shared, form, path):
     for shape in _shapes(backend):
         x, P, c = make(*shape, form, shared=shared, dtype=dtype, seed=sum(shape))
         w = torch.randn(shape[0], shape[1], shape[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        got = run(backend, mahalanobis, x, P, c, weights=w, form=form)
+        got = run(backend, mahalanobis, x, P, c, weights=w, form=form, path=path)
         want = reference_grads(x, P, c, form, weights=w)
         close(got, want, dtype, f"{backend} {form} {shape}")
         # the sample on a center: exactly sqrt(eps), and a zero (finite) gradient there
@@ -180,7 +189,8 @@ def test_split_lower_factor_each_gradient_alone(backend, shared):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
-def test_gradient_at_a_center_is_finite(backend, form):
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_gradient_at_a_center_is_finite(backend, form, path):
     """x = c: d = sqrt(eps) and the gradient of that distance is exactly 0 (also for eps = 0)."""
     N = 6 if backend == "triton" else 40  # 40: the CPU's expansion path recomputes the pair
     x, P, c = make(3, 2, 2, N, form, hit=False)
@@ -188,7 +198,7 @@ def test_gradient_at_a_center_is_finite(backend, form):
     only = torch.zeros(3, 2, 2, dtype=torch.float64)
     only[2, 0, 1] = 1.0
     for eps in (1e-12, 0.0):
-        d, *grads = run(backend, mahalanobis, x, P, c, form=form, eps=eps, weights=only)
+        d, *grads = run(backend, mahalanobis, x, P, c, form=form, eps=eps, weights=only, path=path)
         assert d[2, 0, 1].item() == pytest.approx(math.sqrt(eps), abs=1e-15)
         for g in grads:
             assert torch.isfinite(g).all() and g.abs().max().item() < 1e-9
@@ -196,17 +206,18 @@ def test_gradient_at_a_center_is_finite(backend, form):
 
 @pytest.mark.parametrize("backend", backend_params("mahalanobis", ("reference", "cpu")))
 @pytest.mark.parametrize("form", FORMS)
-def test_gradcheck(backend, form):
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_gradcheck(backend, form, path):
     x, P, c = make(3, 2, 3, 4, form, hit=False)
     ins = [t.requires_grad_() for t in (x, P, c)]
-    with use_backend(backend):
+    with use_backend(backend), on_path(path):
         assert torch.autograd.gradcheck(lambda a, b, cc: mahalanobis(a, b, cc, form=form), ins)
         noise = torch.randn(2, 2, 4, 4, dtype=torch.float64)  # the seed's path is tested against it below
         assert torch.autograd.gradcheck(
             lambda a, b, cc: randomized_mahalanobis(a, b, cc, form=form, sigma=0.3, noise=noise), ins)
     if backend == "cpu":  # the CPU's expansion path (N >= 32), on x only for speed
         x, P, c = make(2, 1, 2, 40, form, hit=False)
-        with use_backend(backend):
+        with use_backend(backend), on_path(path):
             assert torch.autograd.gradcheck(lambda a: mahalanobis(a, P, c, form=form), [x.requires_grad_()])
 
 
@@ -219,38 +230,47 @@ def test_gradcheck_triton_fast_mode(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_only_needed_gradients(backend, monkeypatch):
-    """The backward is one kernel call that receives needs_input_grad and computes only those."""
-    from pyens.ops._backend import OPS
-
-    with use_backend(backend):
-        kernels = OPS["mahalanobis"].select(torch.device("cpu"), torch.float64, 5)[1]
-    compiled = backend == "cpu"  # its autograd is in C++: read the call off the profiler
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_only_needed_gradients(backend, path, monkeypatch):
+    """The backward is one kernel call that receives needs_input_grad and computes only those;
+    on the fast path the backward implementation is spied on, through the registered op the
+    profiler reads its ``needs`` argument."""
     seen = []
-    if not compiled:
-        real = kernels.backward
+    real = MAHALANOBIS_BACKWARD.impl
 
-        def spy(*args):
-            seen.append(list(args[-1]))
-            out = real(*args)
-            for n, g in zip(args[-1], out):
-                assert n or g.numel() == 0
-            return out
+    def spy(*args):
+        seen.append(list(args[-1]))
+        out = real(*args)
+        for n, g in zip(args[-1], out):
+            assert n or g.numel() == 0
+        return out
 
-        monkeypatch.setattr(kernels, "backward", spy)
+    monkeypatch.setattr(MAHALANOBIS_BACKWARD, "impl", spy)
     x, P, c = make(4, 2, 3, 5, "tril")
     for needs in ([True, False, False], [False, True, False], [False, False, True], [True, True, True]):
         ins = [t.clone().requires_grad_(n) for t, n in zip((x, P, c), needs)]
-        with use_backend(backend), torch.profiler.profile(record_shapes=True) as prof:
+        with use_backend(backend), on_path(path), torch.profiler.profile(record_shapes=True) as prof:
             mahalanobis(*ins).sum().backward()
-        if compiled:
-            calls = [ev.concrete_inputs[-1] for ev in prof.events() if ev.name == "pyens_C::mahalanobis_bwd"]
+        if path == "op":
+            calls = [ev.concrete_inputs[-1] for ev in prof.events() if ev.name == "pyens::mahalanobis_backward"]
             assert len(calls) == 1
             seen.append(list(calls[0]))
         assert seen[-1] == needs
         for t, n in zip(ins, needs):
             assert (t.grad is not None) == n
     assert len(seen) == 4
+
+
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_call_paths_are_what_they_say(path):
+    """The fast path skips the dispatcher; through_registered_ops() goes through the
+    registered op, forward and backward (so the tests run under it test that op)."""
+    x, P, c = (t.requires_grad_() for t in make(4, 2, 3, 5, "tril"))
+    with on_path(path), torch.profiler.profile() as prof:
+        mahalanobis(x, P, c).sum().backward()
+    names = {ev.name for ev in prof.events()}
+    via_op = {"pyens::mahalanobis", "pyens::mahalanobis_backward"} <= names
+    assert via_op == (path == "op") and (path == "op" or not names & {"pyens::mahalanobis", "pyens::mahalanobis_backward"})
 
 
 def test_upper_triangle_is_ignored_and_nan_propagates():
@@ -331,7 +351,8 @@ def test_randomized_sigma_zero_is_the_deterministic_op(backend, form):
 
 
 @pytest.mark.parametrize("backend", backend_params("mahalanobis", ("cpu", "triton")))
-def test_randomized_matches_reference_on_explicit_noise_and_seed(backend):
+@pytest.mark.parametrize("path", CALL_PATHS)
+def test_randomized_matches_reference_on_explicit_noise_and_seed(backend, path):
     """Explicit noise: the same result on every backend; a seed: the same draws everywhere."""
     # Triton: a short member-x row (interpreter time; test_backend_matches_reference spans the
     # tiles, test_noise_is_bit_identical_on_every_backend the noise kernel's blocks)
@@ -341,14 +362,14 @@ def test_randomized_matches_reference_on_explicit_noise_and_seed(backend):
             x, P, c = make(*shape, form, shared=shared)
             noise = torch.randn(3, shape[1], shape[3], shape[3], dtype=torch.float64)
             want = run("reference", _rdml, x, P, c, form=form, sigma=0.4, noise=noise)
-            got = run(backend, _rdml, x, P, c, form=form, sigma=0.4, noise=noise)
+            got = run(backend, _rdml, x, P, c, form=form, sigma=0.4, noise=noise, path=path)
             close(got, want, torch.float64, f"{backend} {form} explicit noise")
             want = run("reference", _rdml, x, P, c, form=form, sigma=0.4, samples=3, seed=77)
-            got = run(backend, _rdml, x, P, c, form=form, sigma=0.4, samples=3, seed=77)
+            got = run(backend, _rdml, x, P, c, form=form, sigma=0.4, samples=3, seed=77, path=path)
             close(got, want, torch.float64, f"{backend} {form} seed")
             # and the seed's draws are the noise mahalanobis_noise returns
             z = mahalanobis_noise(77, (3, shape[1], shape[3], shape[3]))
-            close(run(backend, _rdml, x, P, c, form=form, sigma=0.4, noise=z), want, torch.float64, "noise of seed")
+            close(run(backend, _rdml, x, P, c, form=form, sigma=0.4, noise=z, path=path), want, torch.float64, "noise of seed")
 
 
 @pytest.mark.parametrize("backend", backend_params("mahalanobis", ("reference", "cpu")))

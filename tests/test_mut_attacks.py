@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyens.attacks import BIM, FGSM, MSD, PGD, cross_gradient_ratio, margin_loss, mimo_gradient, mimo_msd, mimo_pgd
-from pyens.attacks._common import check_norm, random_start
+from pyens.attacks import (BIM, FGSM, MSD, PGD, cross_gradient_ratio, margin_loss, mimo_gradient, mimo_msd, mimo_pgd,
+                           random_start)
 from pyens.attacks.msd import msd_iterate
 
 N = 16
@@ -85,11 +85,12 @@ def message_cases():
     V, T = ValueError, TypeError
     one_of_norms = "must be 'linf', 'l2' or 'l1' (or inf, 2, 1), got"
     yield V, f"norm {one_of_norms} 'l3'", lambda: PGD(net, **{**pgd, "norm": "l3"})
-    yield V, f"norm {one_of_norms} 'lp'", lambda: check_norm("lp")
-    yield V, "eps must be finite and >= 0, got -0.1", lambda: PGD(net, **{**pgd, "eps": -0.1})
-    yield V, "alpha must be finite and >= 0, got -1.0", lambda: PGD(net, **{**pgd, "alpha": -1.0})
-    yield V, "eps must be finite and >= 0, got inf", lambda: PGD(net, **{**pgd, "eps": 10 ** 400})
-    yield V, "eps must be finite and >= 0, got -inf", lambda: PGD(net, **{**pgd, "eps": -10 ** 400})
+    yield V, f"norms[1] {one_of_norms} 'lp'", lambda: MSD(net, **{**msd, "norms": ("linf", "lp", "l1")})
+    yield V, "eps must be >= 0, got -0.1", lambda: PGD(net, **{**pgd, "eps": -0.1})
+    yield V, "alpha must be >= 0, got -1.0", lambda: PGD(net, **{**pgd, "alpha": -1.0})
+    yield V, "eps must be finite, got inf", lambda: PGD(net, **{**pgd, "eps": 10 ** 400})
+    yield V, "eps must be finite, got -inf", lambda: PGD(net, **{**pgd, "eps": -10 ** 400})
+    yield V, "alpha must be finite, got nan", lambda: PGD(net, **{**pgd, "alpha": math.nan})
     yield T, "eps must be a real number, got str", lambda: PGD(net, **{**pgd, "eps": "0.1"})
     yield T, "alpha must be a real number, got bool", lambda: PGD(net, **{**pgd, "alpha": True})
     yield V, "k must be a positive int; got 0", lambda: PGD(net, **pgd, k=0)
@@ -102,6 +103,8 @@ def message_cases():
         lambda: PGD(net, **pgd, projection="nearest")
     yield V, "box must be finite with lo <= hi, got (1, 0)", lambda: PGD(net, **pgd, box=(1, 0))
     yield V, "box must be a pair (lo, hi) of numbers, got 'ab'", lambda: PGD(net, **pgd, box="ab")
+    yield V, "box must be a pair (lo, hi) of numbers, got ('0', '1')", lambda: PGD(net, **pgd, box=("0", "1"))
+    yield V, "box must be a pair (lo, hi) of numbers, got (0, 0.5, 1)", lambda: PGD(net, **pgd, box=(0, 0.5, 1))
     yield T, "random_start must be True or False, got 'no'", lambda: PGD(net, **pgd, random_start="no")
     yield T, "random_start must be True or False, got np.int64(1)", \
         lambda: PGD(net, **pgd, random_start=np.int64(1))
@@ -114,7 +117,7 @@ def message_cases():
     yield V, "eps must have one entry per norm (3), got 2", lambda: MSD(net, **{**msd, "eps": [0.1, 0.5]})
     yield V, "alpha must have one entry per norm (3), got 1", lambda: MSD(net, **{**msd, "alpha": [0.1]})
     yield V, "k must have one entry per norm (3), got 2", lambda: MSD(net, **msd, k=[1, 2])
-    yield V, "alpha[1] must be finite and >= 0, got -1.0", lambda: MSD(net, **{**msd, "alpha": (0.1, -1, 0.1)})
+    yield V, "alpha[1] must be >= 0, got -1.0", lambda: MSD(net, **{**msd, "alpha": (0.1, -1, 0.1)})
     yield V, "k[1] must be a positive int; got 0", lambda: MSD(net, **msd, k=(1, 0, 1))
     yield V, "k must be a positive int; got 0", lambda: MSD(net, **msd, k=0)
     yield V, "steps must be a positive int; got 0", lambda: MSD(net, **{**msd, "steps": 0})
@@ -130,7 +133,7 @@ def message_cases():
     yield V, "eps must have one entry per member (2), got 3", lambda: mimo_pgd(mimo, mx, my, **{**mp, "eps": [.1] * 3})
     yield V, "alpha must have one entry per member (2), got 1", lambda: mimo_pgd(mimo, mx, my, **{**mp, "alpha": [.1]})
     yield V, "k must have one entry per member (2), got 3", lambda: mimo_pgd(mimo, mx, my, **mp, k=[1, 2, 3])
-    yield V, "eps must be finite and >= 0, got -0.1", lambda: mimo_pgd(mimo, mx, my, **{**mp, "eps": -0.1})
+    yield V, "eps must be >= 0, got -0.1", lambda: mimo_pgd(mimo, mx, my, **{**mp, "eps": -0.1})
     yield V, "gradient must be one of ('approx', 'naive'), got 'exact'", \
         lambda: mimo_pgd(mimo, mx, my, **mp, gradient="exact")
     yield V, "gradient must be one of ('approx', 'naive'), got 'exact'", \

@@ -157,7 +157,7 @@ def test_consensus_classifier_passes_tau_to_rule_and_surrogate():
 
 def test_consensus_classifier_rejects_bad_rules():
     net = FixedMembers(2, 2)
-    with pytest.raises(ValueError, match=r"rule must be one of \('vote', 'meta', .*\); got 'max'"):
+    with pytest.raises(ValueError, match=r"rule must be one of \('vote', 'meta', .*\), got 'max'"):
         ConsensusClassifier(net, "max")
     with pytest.raises(ValueError, match=r"^rule 'meta' needs a net with own_classes \(a DMLEnsemble\)$"):
         ConsensusClassifier(net, "meta")

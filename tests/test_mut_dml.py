@@ -146,7 +146,7 @@ def test_constructor_passes_its_settings_to_every_layer():
     (dict(members=0), "^members must be a positive int; got 0$"),
     (dict(num_classes=0), "^num_classes must be a positive int; got 0$"),
     (dict(in_channels=0), "^in_channels must be a positive int; got 0$"),
-    (dict(centers="2d"), r"centers must be one of \('identity', '1d'\); got '2d'"),
+    (dict(centers="2d"), r"centers must be one of \('identity', '1d'\), got '2d'"),
     (dict(embedding=0), "^embedding must be a positive int; got 0$"),
     (dict(centers="1d", embedding=2, trainable="all"), "centers='1d' needs embedding 1; got 2"),
     (dict(seed=True), "seed must be an int >= 0; got True"),

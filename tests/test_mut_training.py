@@ -453,7 +453,7 @@ def test_dml_settings_parse_and_reject():
         ({"beta": "1"}, r"extra.beta must be a finite number >= 0; got '1'"),
         ({"sigma": float("inf")}, r"extra.sigma must be a finite number >= 0; got inf"),
         ({"gamma": -0.1}, r"extra.gamma must be a finite number >= 0; got -0.1"),
-        ({"variant": "DML"}, r"extra.variant must be one of \('dml', 'rdml', 'aug'\); got 'DML'"),
+        ({"variant": "DML"}, r"extra.variant must be one of \('dml', 'rdml', 'aug'\), got 'DML'"),
         ({"trainable": -2}, r"extra.trainable must be -1 \(K // members\), an int >= 0, 'all' or 'none'; got -2"),
         ({"trainable": True}, "extra.trainable must be"),
         ({"trainable": 2.0}, "extra.trainable must be"),

@@ -9,7 +9,7 @@ import torch
 import pyens
 from pyens.cli import main
 from pyens.ops import lp_step, mahalanobis, selftest, use_backend
-from pyens.ops._backend import OPS, archs_cover, forget_choices, self_check_state
+from pyens.ops.dispatch import OPS, archs_cover, forget_choices, self_check_state
 
 CPU = pytest.mark.skipif("cpu" not in pyens.ops.available_backends("lp_step", "cpu"),
                          reason="the C++ CPU backend is not built")
@@ -187,8 +187,8 @@ def test_verdict_is_cached_keyed_and_invalidated(monkeypatch, fresh):
     assert key["op"] == "lp_step" and key["backend"] == "cpu" and key["torch"] == torch.__version__
     assert key["device"].startswith("cpu") and key["capability"] == ""
     assert key["build"] == selftest.build_key("cpu") and pyens.__version__ in key["build"]
-    mod = pyens.ops._backend._compiled()[0]
-    assert selftest._file_identity(mod.__file__) in key["build"]  # a rebuild changes the key
+    mod = pyens.ops.dispatch.compiled_extension()[0]
+    assert selftest.file_identity(mod.__file__) in key["build"]  # a rebuild changes the key
     assert self_check_state("lp_step", "cpu", "cpu").startswith("passed (this process")
 
     # a new process (here: forgotten choices) reads the verdict instead of running the cases
@@ -243,12 +243,12 @@ def test_a_first_call_under_a_tensor_mode_checks_on_real_tensors(fresh):
 
 
 def test_build_key_changes_with_the_build(monkeypatch):
-    from pyens.ops import _backend
+    from pyens.ops import dispatch
 
     class Mod:
         __file__ = __file__  # this test file stands in for the extension
 
-    monkeypatch.setattr(_backend, "_compiled", lambda: (Mod, None))
+    monkeypatch.setattr(dispatch, "compiled_extension", lambda: (Mod, None))
     before = selftest.build_key("cpu")
     monkeypatch.setattr(pyens, "__version__", pyens.__version__ + "+other")
     assert selftest.build_key("cpu") != before

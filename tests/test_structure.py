@@ -69,3 +69,70 @@ def test_module_level_imports_have_no_cycle():
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# tests reach pyens through public names only
+
+TESTS = Path(__file__).parent
+
+
+def _private(name: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+
+
+def private_uses(path: Path) -> list[str]:
+    """``file:line name`` for each private name of pyens a test file reaches: an import of a
+    private module or name (``from pyens.ops.dispatch import X``, ``from pyens.cli import
+    _flags``) or an attribute ``_x`` read off a pyens module (``checkpoint._numpy_tuple``,
+    also as a ``monkeypatch.setattr(module, "_x", ...)`` target)."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()  # local names bound to pyens modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("pyens"):
+                    if _private(a.name):
+                        found.append((node.lineno, a.name))
+                    modules.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pyens"):
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if _private(full):
+                    found.append((node.lineno, full))
+                if f"{node.module}.{a.name}" in MODULES:
+                    modules.add(a.asname or a.name)
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("importlib.import_module"):
+            if node.args and isinstance(node.args[0], ast.Constant) and _private(str(node.args[0].value)):
+                found.append((node.lineno, node.args[0].value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in modules:
+                found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("setattr") and len(node.args) >= 2
+              and isinstance(node.args[0], ast.Name) and node.args[0].id in modules
+              and isinstance(node.args[1], ast.Constant) and _private(str(node.args[1].value))):
+            found.append((node.lineno, f"{node.args[0].id}.{node.args[1].value}"))
+    return [f"{path.name}:{line} {name}" for line, name in sorted(set(found))]
+
+
+MODULES = set(_modules())
+
+
+def test_tests_use_no_private_name_of_pyens():
+    found = [use for path in sorted(TESTS.glob("*.py")) for use in private_uses(path)]
+    assert not found, "tests reach private names of pyens (make the name public or test the public path):\n" + "\n".join(found)
+
+
+def test_private_use_finder_finds_each_kind(tmp_path):
+    src = tmp_path / "test_probe.py"
+    src.write_text("import pyens.ops._internal\nfrom pyens.ops import _internal\nfrom pyens.cli import _flags, main\n"
+                   "from pyens.training import checkpoint\ncheckpoint._numpy_tuple(1)\n"
+                   "monkeypatch.setattr(checkpoint, '_x', 1)\ncheckpoint.save(1)\nfrom pyens.ops import lp_step\n")
+    assert private_uses(src) == ["test_probe.py:1 pyens.ops._internal", "test_probe.py:2 pyens.ops._internal",
+                                 "test_probe.py:3 pyens.cli._flags", "test_probe.py:5 checkpoint._numpy_tuple",
+                                 "test_probe.py:6 checkpoint._x"]

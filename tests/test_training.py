@@ -167,7 +167,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
     (dict(norms=("l3",)), "norms: each must be one of"),
     (dict(method="at", norms=("l1", "l2")), "norms: method 'at' trains against one norm"),
     (dict(method="mat_same", norms=("l1", "l2")), "norms: method 'mat_same'"),
-    (dict(eps=(-1.0,)), "eps must be finite and >= 0"),
+    (dict(eps=(-1.0,)), "eps must be >= 0, got -1.0"),
+    (dict(alpha=(float("inf"),)), "alpha must be finite, got inf"),
     (dict(eps=(1.0, 2.0)), "eps: give one value per norm"),
     (dict(steps=0), "steps must be a positive int; got 0"),
     (dict(members=0), "members must be a positive int; got 0"),
@@ -271,16 +272,17 @@ def test_cli_train_then_eval(tmp_path):
 def test_a_new_run_claims_its_directory_at_once(tmp_path, monkeypatch):
     """Two runs started together never share a directory: the claim is config.toml, made
     exclusively before training, not the checkpoint that appears only after an epoch."""
-    from pyens.training.loop import _claim_run_dir
-
     monkeypatch.chdir(tmp_path)
-    cfg = TrainConfig(method="standard").resolved()
-    first, second = _claim_run_dir(cfg, resume=False), _claim_run_dir(cfg, resume=False)
-    assert (first.name, second.name) == ("standard-mnist-small_cnn-seed0", "standard-mnist-small_cnn-seed0-2")
-    assert _claim_run_dir(cfg, resume=True) == second  # --resume without --out: the newest run
-    cfg.out = str(first)
+    starting = tmp_path / "runs" / "standard-mnist-small_cnn-seed0"
+    starting.mkdir(parents=True)
+    (starting / "config.toml").write_text("")  # claimed by a run still loading its data
+    first, second = pyens.train("standard", **TINY), pyens.train("standard", **TINY)
+    assert (first.out.name, second.out.name) == ("standard-mnist-small_cnn-seed0-2", "standard-mnist-small_cnn-seed0-3")
+    assert (first.out / "checkpoint.pt").exists() and not (starting / "checkpoint.pt").exists()
+    # --resume without --out: the newest run
+    assert pyens.train("standard", resume=True, max_steps=0, **TINY).out.resolve() == second.out.resolve()
     with pytest.raises(FileExistsError, match="already holds a run"):
-        _claim_run_dir(cfg, resume=False)
+        pyens.train("standard", out=str(first.out), **TINY)
 
 
 def test_resume_checks_max_steps_config_and_checkpoint(tmp_path):

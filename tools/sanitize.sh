@@ -72,8 +72,8 @@ run() {
 # Python leaks by design (detect_leaks=0); a report halts the process (halt_on_error=1).
 run - <<'EOF'
 import pyens, pyens.ops
-from pyens.ops._backend import _compiled
-mod, why = _compiled()
+from pyens.ops.dispatch import compiled_extension
+mod, why = compiled_extension()
 assert mod is not None, why
 assert pyens.__file__.startswith(__import__("os").getcwd()), f"imported {pyens.__file__}, not the copy's"
 for op in ("lp_step", "mahalanobis"):

@@ -12,9 +12,13 @@ MIMO models (``f(x) -> [B, M, K]``, ``x: [B, M, ...]``), MAT's inner maximisatio
 * :func:`mimo_msd` (every member trained with MSD);
 * :func:`mimo_gradient` and :func:`cross_gradient_ratio` (eq. 7, Fig. 1 diagnostics).
 
+Shared by the attacks and by evaluations (``pyens.eval.curves``' noise accuracy):
+:func:`random_start`, a uniform draw from an lp ball projected into the box.
+
 Attacks take and return inputs in the box (default ``[0, 1]``), return detached tensors,
 never change the model's train/eval mode and never accumulate parameter gradients.
 """
+from pyens.attacks._common import random_start
 from pyens.attacks.losses import LOSSES, ce_loss, margin_loss
 from pyens.attacks.mimo import cross_gradient_ratio, mimo_gradient, mimo_msd, mimo_pgd
 from pyens.attacks.msd import MSD
@@ -32,4 +36,5 @@ __all__ = [
     "mimo_gradient",
     "mimo_msd",
     "mimo_pgd",
+    "random_start",
 ]

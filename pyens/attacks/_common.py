@@ -12,73 +12,24 @@ Conventions (all attacks):
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 
-from pyens.checks import integer_labels, positive_int
+from pyens.checks import box_arg, choice_arg, integer_labels, positive_int, real_arg
 from pyens.ops import lp_project, lp_step
 from pyens.ops.lp_step import norm_code
-from pyens.ops.contract import L1, L2, LINF
+from pyens.ops.contract import L1, L2, LINF, PROJECTIONS
 
 NORM_NAMES = {LINF: "linf", L2: "l2", L1: "l1"}  # norm code -> canonical name
-PROJECTIONS = ("exact", "sequential")
 
 
 # ---------------------------------------------------------------------------------------------
-# argument checks (errors name the argument)
+# argument checks (errors name the argument; the generic ones are pyens.checks')
 
 def check_norm(norm, name: str = "norm") -> str:
     """``"linf"``/inf, ``"l2"``/2, ``"l1"``/1 -> the canonical name."""
     return NORM_NAMES[norm_code(norm, name)]
-
-
-def check_real(value, name: str) -> float:
-    """A finite real number ``>= 0`` (eps, alpha)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond the float range
-        value = math.inf if value > 0 else -math.inf
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def check_count(value, name: str) -> int:
-    """An int ``>= 1`` (steps, restarts, k): :func:`pyens.checks.positive_int` in the
-    value-first order of this module's checkers."""
-    return positive_int(name, value)
-
-
-def check_flag(value, name: str) -> bool:
-    """A bool (a string such as ``"no"`` would otherwise read as True)."""
-    # numpy's bool scalar too: its type is named "bool_" before numpy 2 and "bool" since.
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if not isinstance(value, bool) and not numpy_bool:
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def check_choice(value, choices: Sequence[str], name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def check_box(box) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in box)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"box must be a pair (lo, hi) of numbers, got {box!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"box must be finite with lo <= hi, got {box!r}")
-    return lo, hi
 
 
 def per_entry(value, n: int, name: str, what: str, check: Callable) -> list:
@@ -101,13 +52,13 @@ def lp_params(norms, eps, alpha, k, n: int | None = None, what: str = "norm") ->
         if isinstance(norms, str) or not isinstance(norms, (list, tuple)) or not norms:
             raise ValueError(f"norms must be a non-empty sequence of 'linf'/'l2'/'l1', got {norms!r}")
         n = len(norms)
-    return (per_entry(norms, n, "norms", what, check_norm), per_entry(eps, n, "eps", what, check_real),
-            per_entry(alpha, n, "alpha", what, check_real), per_entry(k, n, "k", what, check_count))
+    return (per_entry(norms, n, "norms", what, check_norm), per_entry(eps, n, "eps", what, real_arg),
+            per_entry(alpha, n, "alpha", what, real_arg), per_entry(k, n, "k", what, positive_int))
 
 
 def check_run(steps, projection, box) -> tuple[int, str, tuple[float, float]]:
     """The arguments every attack takes: ``steps >= 1``, ``projection``, ``box``."""
-    return check_count(steps, "steps"), check_choice(projection, PROJECTIONS, "projection"), check_box(box)
+    return positive_int(steps, "steps"), choice_arg(projection, "projection", PROJECTIONS), box_arg(box)
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, box, *, members: bool = False):
@@ -115,10 +66,10 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, box, *, members: bool = False
 
     Returns detached ``x``, int64 ``y`` and the checked box ``(lo, hi)``.
     """
-    box = check_box(box)
+    box = box_arg(box)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    integer_labels("y", y)
+    integer_labels(y, "y")
     lead = 2 if members else 1
     want = "[B, M]" if members else "[B]"
     if x.dim() < lead + 1:

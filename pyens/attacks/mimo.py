@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from pyens.attacks._common import (
-    check_choice,
-    check_flag,
     check_inputs,
     check_norm,
     check_run,
@@ -42,6 +40,7 @@ from pyens.attacks._common import (
 from pyens.attacks._common import random_start as draw_start
 from pyens.attacks.losses import ce_loss
 from pyens.attacks.msd import SCORES, SELECTS, check_k_range, msd_iterate
+from pyens.checks import choice_arg, flag_arg
 
 GRADIENTS = ("approx", "naive")
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -76,7 +75,7 @@ def mimo_gradient(model: Model, x: torch.Tensor, y: torch.Tensor, *, delta: torc
     ``y: [B, M]``, ``delta`` defaults to zeros.
     """
     x, y, _ = check_inputs(x, y, box, members=True)
-    check_choice(gradient, GRADIENTS, "gradient")
+    choice_arg(gradient, "gradient", GRADIENTS)
     if delta is not None:
         if not isinstance(delta, torch.Tensor) or delta.shape != x.shape:
             raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {getattr(delta, 'shape', delta)!r}")
@@ -114,8 +113,8 @@ def mimo_pgd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: str | Seq
     x, y, _ = check_inputs(x, y, box, members=True)
     m = x.shape[1]
     norms, eps, alpha, k = lp_params(norms, eps, alpha, k, m, "member")
-    check_choice(gradient, GRADIENTS, "gradient")
-    if check_flag(random_start, "random_start"):
+    choice_arg(gradient, "gradient", GRADIENTS)
+    if flag_arg(random_start, "random_start"):
         delta = draw_start(x, norms, eps, box, projection, members=m)
     else:
         delta = torch.zeros_like(x)
@@ -167,11 +166,11 @@ def mimo_msd(model: Model, x: torch.Tensor, y: torch.Tensor, *, norms: Sequence[
     x, y, _ = check_inputs(x, y, box, members=True)
     m = x.shape[1]
     norms, eps, alpha, k = lp_params(norms, eps, alpha, k)
-    check_choice(select, SELECTS, "select")
-    check_choice(score, SCORES, "score")
+    choice_arg(select, "select", SELECTS)
+    choice_arg(score, "score", SCORES)
     k_range = check_k_range(k_range)
     start = None
-    if check_flag(random_start, "random_start"):
+    if flag_arg(random_start, "random_start"):
         if start_norms is None:
             start_norms = norms if len(norms) == m else [norms[0]] * m
         start_norms = per_entry(list(start_norms), m, "start_norms", "member", check_norm)

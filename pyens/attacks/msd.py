@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from pyens.attacks._common import (
-    check_choice,
     check_inputs,
     check_run,
     evaluate,
@@ -33,6 +32,7 @@ from pyens.attacks._common import (
     lp_params,
 )
 from pyens.attacks.losses import ce_loss
+from pyens.checks import choice_arg
 from pyens.ops import lp_step
 
 SELECTS = ("example", "batch")
@@ -149,9 +149,9 @@ class MSD:
         self.model = model
         self.norms, self.eps, self.alpha, self.k = lp_params(norms, eps, alpha, k)
         self.steps, self.projection, self.box = check_run(steps, projection, box)
-        self.select = check_choice(select, SELECTS, "select")
+        self.select = choice_arg(select, "select", SELECTS)
         self.k_range = check_k_range(k_range)
-        self.score = check_choice(score, SCORES, "score")
+        self.score = choice_arg(score, "score", SCORES)
 
     def __repr__(self) -> str:
         return (f"MSD(norms={tuple(self.norms)}, eps={tuple(self.eps)}, alpha={tuple(self.alpha)}, "

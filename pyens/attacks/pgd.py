@@ -12,11 +12,8 @@ from collections.abc import Callable
 import torch
 
 from pyens.attacks._common import (
-    check_count,
-    check_flag,
     check_inputs,
     check_norm,
-    check_real,
     check_run,
     evaluate,
     finish,
@@ -26,6 +23,7 @@ from pyens.attacks._common import (
     where_units,
 )
 from pyens.attacks.losses import LossFn, get_loss
+from pyens.checks import flag_arg, positive_int, real_arg
 
 
 class PGD:
@@ -68,12 +66,12 @@ class PGD:
                  projection: str = "exact", loss: str | LossFn = "ce", box: tuple[float, float] = (0, 1)):
         self.model = model
         self.norm = check_norm(norm, "norm")
-        self.eps = check_real(eps, "eps")
-        self.alpha = check_real(alpha, "alpha")
+        self.eps = real_arg(eps, "eps")
+        self.alpha = real_arg(alpha, "alpha")
         self.steps, self.projection, self.box = check_run(steps, projection, box)
-        self.k = check_count(k, "k")
-        self.random_start = check_flag(random_start, "random_start")
-        self.restarts = check_count(restarts, "restarts")
+        self.k = positive_int(k, "k")
+        self.random_start = flag_arg(random_start, "random_start")
+        self.restarts = positive_int(restarts, "restarts")
         if self.restarts > 1 and not self.random_start:
             raise ValueError(f"restarts={self.restarts} needs random_start=True: from delta = 0 every "
                              "restart is the same run")

@@ -158,7 +158,7 @@ def batches(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Gen
     Datasets with ``.images``/``.labels`` tensors are indexed directly: a shuffled batch is one
     gather, an ordered batch a view, instead of collating b single items.
     """
-    batch_size = positive_int("batch_size", batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     images, labels = getattr(ds, "images", None), getattr(ds, "labels", None)
     if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
         return _tensor_batches(images, labels, batch_size, shuffle, generator, drop_last)

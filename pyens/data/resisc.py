@@ -78,7 +78,7 @@ def _folder_samples(root: Path, split: str) -> tuple[list[str], list[tuple[Path,
 def load_resisc45(split: str, data_dir: str | Path, *, size: int = DEFAULT_SIZE) -> ImageFolderDataset:
     """RESISC-45 ``split`` from ``data_dir``; images are RGB, resized to ``size x size``."""
     check_split(split)
-    size = positive_int("size", size)
+    size = positive_int(size, "size")
     root = Path(data_dir)
     require_dir(root, expect=EXPECT)
     if (root / SUBDIR).is_dir():

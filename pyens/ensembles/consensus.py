@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyens.checks import choice_arg
 from pyens.nn.ensemble import average_members
 
 RULES = ("vote", "meta", "sum", "mean", "logits", "median", "prob", "soft_vote")
@@ -128,8 +129,7 @@ class ConsensusClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, rule: str = "vote", *, surrogate: str = "sum", tau: float = 1.0):
         super().__init__()
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+        choice_arg(rule, "rule", RULES)
         if rule == "meta" and getattr(net, "own_classes", None) is None:
             raise ValueError("rule 'meta' needs a net with own_classes (a DMLEnsemble)")
         self.net, self.rule, self.tau = net, rule, tau

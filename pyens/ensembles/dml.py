@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pyens.ensembles.consensus import RULES, consensus
-from pyens.checks import positive_int
+from pyens.checks import choice_arg, positive_int
 from pyens.nn.backbones import BackboneFactory, build_backbone
 from pyens.nn.distance_map import CENTERS, DistanceMap
 from pyens.nn.ensemble import Ensemble
@@ -113,12 +113,11 @@ class DMLEnsemble(Ensemble):
                  init: str | float = "uniform", fixed: float | None = 0.1, centers: str = "identity",
                  train_centers: bool = False, randomized: bool = False, augment: bool = False, sigma: float = 0.1,
                  samples: int = 20, seed: int = 0):
-        m = positive_int("members", members)
-        k = positive_int("num_classes", num_classes)
-        positive_int("in_channels", in_channels)
-        if centers not in CENTERS:
-            raise ValueError(f"centers must be one of {CENTERS}; got {centers!r}")
-        n = positive_int("embedding", embedding) if embedding is not None else (k if centers == "identity" else 1)
+        m = positive_int(members, "members")
+        k = positive_int(num_classes, "num_classes")
+        positive_int(in_channels, "in_channels")
+        choice_arg(centers, "centers", CENTERS)
+        n = positive_int(embedding, "embedding") if embedding is not None else (k if centers == "identity" else 1)
         if centers == "1d" and n != 1:
             raise ValueError(f"centers='1d' needs embedding 1; got {n}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -204,8 +203,7 @@ class DMLEnsemble(Ensemble):
         The default, ``"sum"``, is the differentiable surrogate white-box attacks target
         (A.3); ``"vote"`` is the paper's decision, ``"meta"`` the meta-model.
         """
-        if average not in RULES:
-            raise ValueError(f"average must be one of {RULES}; got {average!r}")
+        choice_arg(average, "average", RULES)
         own = self.own_classes if average == "meta" else None
         return consensus(self.member_logits(x), average, own=own)
 

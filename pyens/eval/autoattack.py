@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyens.checks import choice_arg
+
 VERSIONS = ("standard", "plus", "rand")
 
 
@@ -62,8 +64,7 @@ class AutoAttackDetail:
 
     def __init__(self, model: nn.Module, *, norm: str = "Linf", eps: float, version: str = "standard", seed: int = 0,
                  n_classes: int | None = None, steps: int | None = None, n_queries: int | None = None):
-        if version not in VERSIONS:
-            raise ValueError(f"AutoAttack version must be one of {VERSIONS}, got {version!r}")
+        choice_arg(version, "AutoAttack version", VERSIONS)
         self.model, self.norm, self.eps, self.version, self.seed = model, norm, eps, version, seed
         self.n_classes, self.steps, self.n_queries = n_classes, steps, n_queries
         self.broken_by: torch.Tensor | None = None

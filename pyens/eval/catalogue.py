@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pyens.checks import positive_int
+from pyens.checks import choice_arg, positive_int
 from pyens.papers import NORMS, RADII  # per dataset: (linf, l2, l1), MAT paper App. C
 from pyens.papers import PAPER_ALPHA_TRIPLES as PAPER_ALPHA  # the paper's PGD steps, same order
 
@@ -362,8 +362,7 @@ def preset_params(preset: str, dataset: str | None = None, *, radii=None) -> dic
     """Catalogue key -> the preset's parameters for ``dataset`` or ``radii`` (see the module
     docstring and :func:`resolve_radii`). ``"paper"`` takes the paper's step sizes at the paper's
     radii of ``dataset``, and :func:`quick_alpha` at its 200 steps at other radii."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    choice_arg(preset, "preset", PRESETS)
     radii = _radii(dataset, radii)
     changes = {} if preset in ("paper", "autoattack") else QUICK
     table = {k: {**v, **changes.get(k, {})} for k, v in PAPER.items()}
@@ -472,7 +471,7 @@ def preset_attacks(preset: str = DEFAULT_PRESET, dataset: str | None = None, *, 
                              "sets its own (override them with params=)")
         for name, v in (("steps", steps), ("restarts", restarts)):
             if v is not None:
-                positive_int(name, v)
+                positive_int(v, name)
         for norm, eps in zip(NORMS, _radii(dataset, radii)):
             change = {}
             if steps is not None:

@@ -78,7 +78,7 @@ def noise_robust(predict: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                  box: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """``[B]`` bool: correct on the clean input and on ``draws`` random points of ``B_p(eps) ∩ box``
     (uniform in the ball, then projected into the box)."""
-    from pyens.attacks._common import random_start
+    from pyens.attacks import random_start
 
     ok = predict_labels(predict, x) == y
     for _ in range(draws):
@@ -115,7 +115,7 @@ def robustness_curves(model, data, *, dataset: str | None = None, eps=None, pgd:
     jobs = len(NORMS) * (2 + len(fractions)) + 2  # + clean + unbounded
     bar = None
     if progress:
-        from pyens._progress import progress as progress_display
+        from pyens.progress import progress as progress_display
 
         bar = progress_display(jobs, f"curves {name}", unit="run")
 

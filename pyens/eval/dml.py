@@ -22,14 +22,14 @@ detection           A.4, A.5.1      ROC / AUC of the agreement (unanimity) and u
 distortion_curve    Fig. 18         accuracy vs eps: FGSM, BIM-10, PGD-10, PGD-100
 surrogate_check     (honesty)       PGD through other surrogates: margin loss, averaged probability,
                                     soft vote, straight-through vote; per-example best of all
-honesty             (honesty)       reads the curve, the surrogates and the gradients for the
-                                    signs of gradient masking
+masking_checks      (honesty)       the sanity checks (:mod:`pyens.eval.sanity`) on the curve, the
+                                    surrogates, the gradients, a transfer attack and CW
 clever_table        Fig. 1, A.6     CLEVER-u scores (l2, radius 2) of the summed logits, beside the
                                     smallest l2 distance CW or l2 PGD found per image on that model
 ==================  ==============  ==============================================================
 
-:func:`dml_report` runs any of them on trained runs and :func:`render_markdown` lays them out
-as the paper does (``pyens dml-report RUN_DIR ...``).
+:func:`dml_report` runs any of them on trained runs and :func:`pyens.eval.markdown.dml_markdown`
+lays them out as the paper does (``pyens dml-report RUN_DIR ...``).
 """
 from __future__ import annotations
 
@@ -42,11 +42,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pyens.checks import choice_arg
 from pyens.ensembles.consensus import ConsensusClassifier, SurrogateScores
 from pyens.eval.catalogue import (AttackSpec, PositiveLogits, autoattack_spec, cw_ladder_spec, cw_spec,  # noqa: F401
                                   fgsm_spec, pgd_spec, quick_alpha)
-from pyens.eval.results import RobustnessReport, markdown_table
+from pyens.eval.curves import Curves
+from pyens.eval.markdown import dml_markdown
+from pyens.eval.results import RobustnessReport
 from pyens.eval.robustness import evaluate, labelled, predict_labels
+from pyens.eval.sanity import (Check, curve_label, cw_constant_not_weaker, cw_raw_logits_not_weaker,
+                               falls_towards_zero, monotone_in_radius, more_steps_gain_little, random_start_not_needed,
+                               single_step_not_stronger, surrogates_not_stronger, transfer_from_model_not_stronger,
+                               zero_gradients_rare)
 
 # Radii per dataset: Table 2/3's small and large FGSM radius (the small one is also BIM's, PGD's
 # and Table 4's), Tables 6/9 and the detection figures' radius, AutoAttack's radii (Tables 7-8),
@@ -78,15 +85,10 @@ BUDGETS = {
 CLEVER_RADIUS = 2.0
 # l2 PGD at that radius beside the CW ladder: a second attack whose distances CLEVER must not exceed.
 CLEVER_PGD_STEPS = 100
-# Thresholds of the honesty check (accuracy points, in [0, 1]); the MAT-side checks are
-# pyens.eval.sanity's, whose verdict text is sanity.MASKING.
-HONESTY_LIMITS = dict(large_eps_acc=0.10, monotone_slack=0.02, fgsm_beats_pgd=0.02, more_steps_gap=0.05,
-                      random_start_gap=0.10, surrogate_gap=0.05, transfer_gap=0.02, zero_grad_frac=0.01)
 
 
 def _settings(dataset: str) -> dict:
-    if dataset not in SETTINGS:
-        raise ValueError(f"dataset must be one of {sorted(SETTINGS)}; got {dataset!r}")
+    choice_arg(dataset, "dataset", SETTINGS)
     return SETTINGS[dataset]
 
 
@@ -423,74 +425,34 @@ def gradient_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_si
     return {"zero_grad": zero / len(x), "saturated": sat / len(x), "n": len(x)}
 
 
-def honesty(curve: dict | None = None, surrogates: RobustnessReport | None = None, gradients: dict | None = None,
-            transfer_check: dict | None = None, cw: dict | None = None, limits: dict | None = None) -> dict:
-    """Read the evaluation for the signs of gradient masking (Athalye et al. 2018; Carlini et al. 2019).
+def masking_checks(curve: dict | None = None, surrogates: RobustnessReport | None = None,
+                   gradients: dict | None = None, transfer_check: dict | None = None,
+                   cw: dict | None = None) -> list[Check]:
+    """The honesty check: the sanity checks of :mod:`pyens.eval.sanity` (Athalye et al. 2018;
+    Carlini et al. 2019) on what the report measured for one model; a check without its data is
+    "not run".
 
-    Signs checked: accuracy that does not fall towards 0 at the largest radius; accuracy that
-    rises with eps; FGSM stronger than iterative attacks; many more PGD steps lowering accuracy a
-    lot (the short attack was not converged); BIM (from the clean input) much weaker than PGD
-    (random start); another surrogate much stronger than the paper's;
-    exactly zero input gradients; a transfer attack from another model stronger than white-box;
-    CW at the fixed c = 1 much weaker than CW over a ladder of constants.
-
-    Returns ``{"signs": [str], "checks": [str], "verdict": str}``.
+    ``curve``: :func:`distortion_curve`'s (accuracy falls towards 0 at the largest radius and
+    does not rise with eps; FGSM not stronger than PGD-10; BIM-10 not much weaker than PGD-10;
+    PGD-``long`` not much stronger than PGD-10); ``surrogates``: :func:`surrogate_check`'s
+    report; ``gradients``: :func:`gradient_stats`'; ``transfer_check``: :func:`transfer_between`'s
+    plus ``"source"``; ``cw``: :func:`cw_check`'s.
     """
-    lim = {**HONESTY_LIMITS, **(limits or {})}
-    signs, checks = [], []
+    return [falls_towards_zero(curve), monotone_in_radius(_as_radius_curves(curve), attack="each attack"),
+            single_step_not_stronger(curve), random_start_not_needed(curve), more_steps_gain_little(curve),
+            surrogates_not_stronger(surrogates), zero_gradients_rare(gradients),
+            transfer_from_model_not_stronger(transfer_check), cw_constant_not_weaker(cw),
+            cw_raw_logits_not_weaker(cw)]
 
-    def judge(line: str, bad: bool, why: str = "") -> None:
-        (signs if bad else checks).append(line + (f" - {why}" if bad and why else ""))
 
-    if curve is not None:
-        eps, acc = curve["eps"], curve["accuracy"]
-        top = min(acc[a][-1] for a in acc)
-        judge(f"accuracy at the largest radius eps={eps[-1]:g}: {100 * top:.1f}% (best attack)",
-              top > lim["large_eps_acc"], "does not fall towards 0")
-        for a, values in acc.items():
-            rises = [f"{eps[i]:g}->{eps[i + 1]:g}" for i in range(len(eps) - 1)
-                     if values[i + 1] > values[i] + lim["monotone_slack"]]
-            if rises:
-                signs.append(f"{a} accuracy rises with eps at {', '.join(rises)}")
-        beaten = [f"{e:g}" for e, f, p in zip(eps, acc["FGSM"], acc["PGD-10"]) if f < p - lim["fgsm_beats_pgd"]]
-        judge(f"FGSM beats PGD-10 at eps {', '.join(beaten)} (single step stronger than iterative)" if beaten else
-              "iterative attacks are at least as strong as FGSM at every radius", bool(beaten))
-        e_start, gap = max(((e, b - p) for e, b, p in zip(eps, acc["BIM-10"], acc["PGD-10"])), key=lambda t: t[1])
-        judge(f"BIM-10 (from x) vs PGD-10 (random start): at most {100 * gap:.1f} points higher (eps {e_start:g})",
-              gap > lim["random_start_gap"], "the gradient at the clean input misleads; only a random start finds "
-                                             "the adversarial direction (local gradient masking)")
-        e_gap, gap = max(((e, p - q) for e, p, q in zip(eps, acc["PGD-10"], acc["PGD-long"])), key=lambda t: t[1])
-        judge(f"PGD-{curve['long']} vs PGD-10: at most {100 * gap:.1f} points lower (eps {e_gap:g})",
-              gap > lim["more_steps_gap"], "PGD-10 is far from converged; its numbers overstate robustness")
-    if surrogates is not None:
-        rows = [a.name for a in surrogates.attacks]
-        paper = surrogates.accuracy(rows[0])
-        best = float(surrogates.union(rows).float().mean())
-        strongest = min(rows, key=surrogates.accuracy)
-        judge(f"surrogates at eps {surrogates.attacks[0].eps:g}: paper's (sum, CE) {100 * paper:.1f}%, strongest "
-              f"'{strongest}' {100 * surrogates.accuracy(strongest):.1f}%, per-example best {100 * best:.1f}%",
-              paper - best > lim["surrogate_gap"], "the paper's attack surrogate understates the attack")
-    if gradients is not None:
-        judge(f"zero input gradients of CE(summed logits) on {100 * gradients['zero_grad']:.1f}% of clean inputs "
-              f"(saturated softmax on {100 * gradients['saturated']:.1f}%)",
-              gradients["zero_grad"] > lim["zero_grad_frac"])
-    if transfer_check is not None:
-        t, w = transfer_check["transfer"], transfer_check["white_box"]
-        judge(f"PGD-10 transferred from {transfer_check['source']}: {100 * t:.1f}% vs white-box {100 * w:.1f}%",
-              t < w - lim["transfer_gap"], "a transfer attack beats the white-box one")
-    if cw is not None:
-        c1, ladder, raw = cw["c1"], cw["ladder"], cw.get("unshifted")
-        judge(f"CW c = 1: {100 * c1['accuracy']:.1f}% vs CW c in (1, 10, 100): {100 * ladder['accuracy']:.1f}% "
-              f"(median l2 of its adversarial examples {ladder['median_l2']:.2f}, first {cw['n']} images)",
-              c1["accuracy"] - ladder["accuracy"] > lim["surrogate_gap"],
-              "the fixed-c CW number reflects the logit scale, not robustness")
-        if raw is not None:
-            judge(f"CW c = 1 on the raw logits (torchattacks as it is): {100 * raw['accuracy']:.1f}% vs "
-                  f"{100 * c1['accuracy']:.1f}% on shifted logits",
-                  raw["accuracy"] - c1["accuracy"] > lim["surrogate_gap"],
-                  "torchattacks' CW loses its gradient on these logits; its number is void")
-    verdict = ("signs of gradient masking: " + "; ".join(signs)) if signs else "no sign of gradient masking found"
-    return {"signs": signs, "checks": checks, "verdict": verdict}
+def _as_radius_curves(curve: dict | None) -> Curves | None:
+    """The distortion-accuracy curve as :class:`Curves` radius curves, one per attack (what
+    :func:`pyens.eval.sanity.monotone_in_radius` reads)."""
+    if curve is None:
+        return None
+    radius = {curve_label(curve, a): {"radii": list(curve["eps"]), "accuracy": values}
+              for a, values in curve["accuracy"].items()}
+    return Curves(model="", n=curve["n"], clean=math.nan, radius=radius)  # clean: not read by the check
 
 
 def transfer_between(source: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -506,7 +468,7 @@ def transfer_between(source: nn.Module, target: nn.Module, x: torch.Tensor, y: t
     for xb, yb in _batches(x, y, batch_size, seed):
         tr += int((predict_labels(vt, a_src(xb, yb)) == yb).sum())
         wb += int((predict_labels(vt, a_tgt(xb, yb)) == yb).sum())
-    return {"transfer": tr / len(x), "white_box": wb / len(x), "eps": eps, "steps": steps}
+    return {"transfer": tr / len(x), "white_box": wb / len(x), "eps": eps, "steps": steps, "n": len(x)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,10 +522,6 @@ def clever_table(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radius: fl
 # ---------------------------------------------------------------------------------------------
 # the report
 
-def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
-
 def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tables: Iterable[str] = TABLES,
                n: int = 1000, budget: str | dict = "quick", device="auto", progress: bool = True,
                log=print) -> dict:
@@ -573,7 +531,9 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
     dict of changes to ``"quick"`` (``curve_eps`` also sets the curve's radii).
     Tables that need a DML (``table6``, the R-DML/AUG-DML rows of ``certified``) skip other
     ensembles. The first DML ensemble's honesty check also uses a transfer attack from the first
-    non-DML ensemble when there is one. Returns a JSON-ready dict (see :func:`render_markdown`).
+    non-DML ensemble when there is one. Returns a JSON-ready dict (see
+    :func:`pyens.eval.markdown.dml_markdown`); ``"honesty"`` holds each model's
+    :func:`masking_checks` as :meth:`pyens.eval.sanity.Check.to_dict` lists.
     """
     tables = list(tables)
     bad = sorted(set(tables) - set(TABLES))
@@ -664,158 +624,11 @@ def dml_report(nets: dict[str, nn.Module], data, *, dataset: str = "mnist", tabl
         out["honesty"] = {}
         for name in nets:
             surr = out.get("surrogates", {}).get(name)
-            out["honesty"][name] = honesty(out.get("curve", {}).get(name),
-                                           RobustnessReport.from_dict(surr) if surr else None,
-                                           out.get("gradients", {}).get(name), transfer.get(name),
-                                           out.get("cw_check", {}).get(name))
+            checks = masking_checks(out.get("curve", {}).get(name), RobustnessReport.from_dict(surr) if surr else None,
+                                    out.get("gradients", {}).get(name), transfer.get(name),
+                                    out.get("cw_check", {}).get(name))
+            out["honesty"][name] = [c.to_dict() for c in checks]
     return out
-
-
-def _transfer_md(tables: dict) -> str:
-    lines = []
-    for name, t in tables.items():
-        header = [name, *t["columns"]]
-        body = [[row] + [_pct(v) for v in vals] for row, vals in t["rows"].items()]
-        body.append(["Targeted: target reached"] + [_pct(v) for v in t["target_hit"]])
-        lines.append(markdown_table(header, body))
-    return "\n".join(lines)
-
-
-def _table5_md(tables: dict) -> str:
-    lines = []
-    for name, t in tables.items():
-        cols = list(t["columns"])
-        header = [name, *cols]
-        body = [["Adversarial accuracy"] + [_pct(t["columns"][c]["accuracy"]) for c in cols],
-                ["Target reached"] + [_pct(t["columns"][c]["success"]) for c in cols],
-                ["Average distortion (l2)"] + [f"{t['columns'][c]['distortion']:.2f}" for c in cols]]
-        lines.append(markdown_table(header, body))
-    return "\n".join(lines)
-
-
-def _rows_md(reports: list[dict], label: str = "Model") -> str:
-    reps = [RobustnessReport.from_dict(r) for r in reports]
-    names = [a.name for a in reps[0].attacks]
-    header = [label, "Benign Acc"] + names
-    body = [[r.model, _pct(float(r.clean.float().mean()))] + [_pct(r.accuracy(a)) for a in names] for r in reps]
-    return markdown_table(header, body)
-
-
-def _curve_md(curves: dict) -> str:
-    lines = []
-    for name, c in curves.items():
-        header = [f"{name}: eps"] + [f"{e:g}" for e in c["eps"]]
-        body = [[a.replace("long", str(c["long"]))] + [_pct(v) for v in vals] for a, vals in c["accuracy"].items()]
-        lines.append(markdown_table(header, body))
-    return "\n".join(lines)
-
-
-def _surrogates_md(reports: dict) -> str:
-    reps = {k: RobustnessReport.from_dict(v) for k, v in reports.items()}
-    first = next(iter(reps.values()))
-    rows = [a.name for a in first.attacks]
-    header = ["Attack"] + list(reps)
-    body = [[r] + [_pct(rep.accuracy(r)) for rep in reps.values()] for r in rows]
-    body.append(["per-example best of all"] + [_pct(float(rep.union(rows).float().mean())) for rep in reps.values()])
-    return markdown_table(header, body)
-
-
-def _certified_md(tables: dict) -> str:
-    lines = []
-    for name, t in tables.items():
-        header = [f"{name}: layer, sigma"] + [f"r={r:g}" for r in t["radii"]]
-        body = [[k] + [_pct(v[str(r)] if str(r) in v else v[r]) for r in t["radii"]] for k, v in t["curves"].items()]
-        lines.append(markdown_table(header, body))
-    return "\n".join(lines)
-
-
-def _detection_md(tables: dict) -> str:
-    header = ["Model", "Attack", "vote fooled", "AUC agreement", "majority: benign / adv flagged",
-              "unanimity: benign / adv flagged", "AUC uncertainty (LR)"]
-    body = []
-    for name, t in tables.items():
-        for atk, r in t["attacks"].items():
-            f = r["frameworks"]
-            body.append([name, atk, _pct(r["vote_fooled"]), f"{r['agreement']['auc']:.3f}",
-                         f"{_pct(f['majority']['benign_flagged'])} / {_pct(f['majority']['adversarial_flagged'])}",
-                         f"{_pct(f['unanimity']['benign_flagged'])} / {_pct(f['unanimity']['adversarial_flagged'])}",
-                         f"{r['uncertainty']['auc']:.3f}"])
-    return markdown_table(header, body)
-
-
-def _clever_md(section: dict, flagged_rows: int = 20) -> str:
-    models = section["models"]
-    header = ["Model", "images", "non-zero", ">= 0.2", ">= 1.0", f">= {section['radius']:g} (cap)", "zero gradient",
-              "attacks found (correct images)", "CLEVER > distance found"]
-    body = []
-    for name, t in models.items():
-        c = t["counts"]
-        share = f"{t['flagged_count']} ({_pct(t['flagged_count'] / t['found']) if t['found'] else '-'} % of found)"
-        body.append([name, str(c["n"]), str(c["non_zero"]), str(c["0.2"]), str(c["1"]),
-                     str(c[f"{section['radius']:g}"]), str(c["nan"]), str(t["found"]), share])
-    lines = [markdown_table(header, body)]
-    dist = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = [[name, str(i), str(t["label"][i]), f"{t['score'][i]:.3f}", dist(t["distance_cw"][i]),
-             dist(t["distance_pgd"][i])]
-            for name, t in models.items() for i, bad in enumerate(t["flagged"]) if bad]
-    if rows:
-        more = f" (first {flagged_rows} of {len(rows)})" if len(rows) > flagged_rows else ""
-        lines += [f"Images where CLEVER exceeds the l2 distance of an adversarial example found{more}:\n",
-                  markdown_table(["Model", "image", "label", "CLEVER", "CW l2", "PGD l2"], rows[:flagged_rows])]
-    return "\n".join(lines)
-
-
-def render_markdown(report: dict) -> str:
-    """The report's tables in the paper's layouts (accuracies in %)."""
-    ds, n = report["dataset"], report["n"]
-    parts = [(f"Dataset {ds}, first {n} test images, budget {report['budget']!r}. Attacks are crafted on the "
-              "summed member logits and judged by the majority vote of top-1 (A.3).\n")]
-    if "table2" in report:
-        parts += ["### White-box attacks (Table 2 layout)\n", _rows_md(report["table2"], "Training Model")]
-    if "transfer" in report:
-        any_t = next(iter(report["transfer"].values()))
-        parts += [f"### PGD-{any_t['steps']} crafted on Model 1, eps {any_t['eps']:g} (Table 4 layout)\n",
-                  _transfer_md(report["transfer"])]
-    if "table5" in report:
-        any_t = next(iter(report["table5"].values()))
-        parts += [(f"### Targeted CW-l2, c = {any_t['c']:g}, {any_t['steps']} steps, lr {any_t['lr']:g}, first "
-                   f"{any_t['n']} images (Table 5 layout)\n"), _table5_md(report["table5"])]
-    if report.get("table6"):
-        for name, reps in report["table6"].items():
-            parts += [f"### DML vs R-DML, {name} (Tables 6/9 layout)\n", _rows_md(reps)]
-    if "autoattack" in report:
-        k = report["autoattack"][0]["n"]
-        parts += [f"### AutoAttack, first {k} images (Table 7 layout)\n", _rows_md(report["autoattack"])]
-    if "certified" in report:
-        parts += ["### Certified accuracy of the smoothed vote (A.9)\n", _certified_md(report["certified"])]
-    if "detection" in report:
-        parts += ["### Adversary detection (A.4, A.5.1)\n", _detection_md(report["detection"])]
-    if "clever" in report:
-        c = report["clever"]
-        cut = ("; reduced from the paper preset: " + ", ".join(c["reductions"])) if c["reductions"] else ""
-        parts += [("### CLEVER scores (Fig. 1, A.6)\n\nCLEVER-u (Weng et al. 2018) of the summed member logits "
-                   f"in the l2 ball of radius {c['radius']:g}, first {c['images']} images: {c['batches']} batches "
-                   f"of {c['samples']} gradient norms drawn from {c['pool'] * c['samples']} points per image "
-                   f"(pool {c['pool']}), reverse Weibull fit{cut}. Misclassified images score 0. CLEVER estimates "
-                   "a local Lipschitz bound; it is not a certificate, and gradient masking inflates it "
-                   f"(Goodfellow 2018). Beside it: the smallest l2 distance at which the CW ladder ({c['cw_steps']} "
-                   f"steps per constant) or l2 PGD ({c['pgd_steps']} steps, random start, at eps "
-                   f"{', '.join(f'{e:g}' for e in next(iter(c['models'].values()))['settings']['pgd_radii'])}), both "
-                   "crafted on and judged by the same summed logits, found an adversarial example; the last column "
-                   "counts the images where CLEVER's score exceeds that distance, i.e. is visibly wrong. "
-                   "Figure: dml_clever.png.\n"),
-                  _clever_md(c)]
-    if "curve" in report:
-        parts += ["### Distortion-accuracy curve (Fig. 18)\n", _curve_md(report["curve"])]
-    if "surrogates" in report:
-        parts += ["### Attack surrogates (honesty check)\n", _surrogates_md(report["surrogates"])]
-    if "honesty" in report:
-        parts.append("### Honesty check\n")
-        for name, h in report["honesty"].items():
-            parts.append(f"**{name}**: {h['verdict']}.\n")
-            parts += [f"- sign: {s}" for s in h["signs"]] + [f"- ok: {c}" for c in h["checks"]]
-            parts.append("")
-    return "\n".join(parts) + "\n"
 
 
 def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TABLES, n: int = 1000,
@@ -858,12 +671,14 @@ def run_dml_report(run_dirs: Sequence[str | Path], *, tables: Iterable[str] = TA
             raise ValueError(f"merge: {path} holds models {old.get('models')} on {old.get('n')} images; "
                              f"this run has {report['models']} on {report['n']}")
         old["seconds"] = {**old.get("seconds", {}), **report.pop("seconds")}
+        if any(isinstance(h, dict) for h in old.get("honesty", {}).values()):
+            del old["honesty"]  # an older report's free-text verdicts; running curve or surrogates makes the Checks
         report = {**old, **report}
-    from pyens._files import atomic_write_text
+    from pyens.atomic_files import atomic_write_text
     from pyens.eval.plots import plot_clever, plot_dml_curves
 
     atomic_write_text(json.dumps(report, indent=1), path)  # a later run merges into it
-    md = render_markdown(report)
+    md = dml_markdown(report)
     atomic_write_text(md, out_dir / "dml_report.md")
     if "curve" in report:
         plot_dml_curves(report["curve"], out_dir / "dml_curve.png")

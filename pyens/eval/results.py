@@ -184,7 +184,7 @@ class RobustnessReport:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            from pyens._files import atomic_write_text
+            from pyens.atomic_files import atomic_write_text
 
             atomic_write_text(text, path)  # a later evaluation reads it back as its cache
         return text

@@ -86,7 +86,7 @@ def _check_data(x, y) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"evaluate: data's images must be a floating-point tensor of pixels in [0, 1] "
                         f"(divide integer images by 255), got {getattr(x, 'dtype', type(x).__name__)}")
-    integer_labels("evaluate: data's labels", y)
+    integer_labels(y, "evaluate: data's labels")
     if x.dim() < 2 or len(x) == 0 or tuple(y.shape) != (len(x),):
         raise ValueError(f"evaluate: data must hold n >= 1 images [n, ...] and labels [n], got shapes "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
@@ -190,7 +190,7 @@ def evaluate(model: nn.Module, data, *, attacks: list[AttackSpec] | str = DEFAUL
     run_ids = {id(s) for s in todo}
     bar = None
     if progress:
-        from pyens._progress import progress as progress_display
+        from pyens.progress import progress as progress_display
 
         batches = lambda m: (m + batch_size - 1) // batch_size  # noqa: E731
         total = batches(count) + sum(batches(min(s.n or count, count)) for s in todo)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from pyens._files import atomic_write_text
+from pyens.atomic_files import atomic_write_text
 from pyens.eval.catalogue import CATALOGUE, DEFAULT_PRESET, catalogue, describe, preset_params
 from pyens.eval.curves import Curves, robustness_curves
 from pyens.eval.diagnostics import gradient_cosine, read_metrics
 from pyens.eval.results import PARTIAL, RobustnessReport, format_table, markdown_table
 from pyens.eval.robustness import evaluate, labelled, resolve_attacks
-from pyens.eval.sanity import MASKING, Check, flagged, run_checks
+from pyens.eval.markdown import check_details, checks_table, pct
+from pyens.eval.sanity import Check, run_checks
 from pyens.eval.transfer import TransferReport, submodel_table, transfer_tables
 from pyens.training.run_dir import EVAL_JSON, RunDir
 
@@ -274,10 +275,6 @@ def measure_run(run_dir: str | Path, out: str | Path, settings: Settings) -> Run
 # ---------------------------------------------------------------------------------------------
 # the Markdown report
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
 def _attack_table(results: list[RunResults]) -> str:
     rows, seen = [], set()
     for r in results:
@@ -302,31 +299,6 @@ def _seconds_table(results: list[RunResults]) -> str:
             body.append([part] + [f"{r.seconds[part]:.0f}" if part in r.seconds else "(cached)" if has(r) else "-"
                                   for r in results])
     return markdown_table(["Wall-clock seconds"] + [r.label for r in results], body)
-
-
-def _checks_table(results: list[RunResults]) -> str:
-    names = [c.name for c in results[0].checks]
-    cell = lambda c: c.verdict + ("" if c.value is None else f" ({100 * c.value:.1f}%)")  # noqa: E731
-    body = [[n] + [next(cell(c) for c in r.checks if c.name == n) for r in results] for n in names]
-    body.append(["**verdict**"] + [f"**{MASKING}**" if flagged(r.checks) else "no sign of gradient masking"
-                                   for r in results])
-    return markdown_table(["Sanity check"] + [r.label for r in results], body)
-
-
-def _check_details(results: list[RunResults]) -> list[str]:
-    """What each check compares (once), then every failure with what fired it."""
-    lines, seen = ["What each check compares:", ""], set()
-    for r in results:
-        for c in r.checks:
-            if c.passed is not None and c.name not in seen:
-                seen.add(c.name)
-                lines.append(f"- {c.name}: {c.detail}.")
-    failures = [(r, c) for r in results for c in r.checks if c.passed is False]
-    lines += ["", "Failures:" if failures else "No check failed.", ""]
-    for r, c in failures:
-        lines.append(f"- **{r.label}**, {c.name}:")
-        lines += [f"  - {v}" for v in c.violations]
-    return lines
 
 
 def _reductions(results: list[RunResults], settings: Settings) -> list[str]:
@@ -357,7 +329,7 @@ def _runs_table(results: list[RunResults]) -> str:
         norms = ", ".join(c.get("norms", [])) if c.get("method") not in UNATTACKED else "-"
         body.append([r.label, str(c.get("method", "?")), str(c.get("model", "?")), norms,
                      str(c.get("members", "-")), str(c.get("epochs", "-")), str(c.get("steps", "-")),
-                     _pct(r.report.accuracies()["Clean accuracy"])])
+                     f"{pct(r.report.accuracies()['Clean accuracy'], 1)}%"])
     return markdown_table(["Run", "method", "backbone", "training norms (per member)", "M", "epochs",
                            "train PGD steps", "clean accuracy"], body)
 
@@ -398,9 +370,10 @@ def write_markdown(results: list[RunResults], out: Path, settings: Settings, fig
               "- HSJ and Boundary start from foolbox's own initialisation (blended uniform noise) per input; an input "
               "without an adversarial start counts as a failure of the attack (foolbox itself aborts the batch).",
               ""]
+    checks = [(r.label, r.checks) for r in results]
     lines += ["## Sanity checks (Carlini et al. 2019)", "",
               "A failed check means the evaluation may overestimate robustness (possible gradient masking).", "",
-              _checks_table(results), *(_check_details(results)), ""]
+              checks_table(checks), *check_details(checks), ""]
     for r in results:
         if not r.transfers:
             continue

@@ -141,7 +141,7 @@ def transfer_matrix(model, data, *, norm: str, eps: float, alpha: float, steps: 
     x_all, y_all = labelled(data, n)
     bar = None
     if progress:
-        from pyens._progress import progress as progress_display
+        from pyens.progress import progress as progress_display
 
         bar = progress_display(len(crafters) * ((len(x_all) + batch_size - 1) // batch_size),
                                f"transfer {name} {norm}", unit="batch")

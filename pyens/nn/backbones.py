@@ -186,8 +186,8 @@ BACKBONES: dict[str, BackboneFactory] = {
 def build_backbone(name: str | BackboneFactory, *, in_channels: int, num_classes: int) -> nn.Module:
     """The backbone ``name`` (a key of :data:`BACKBONES`, or a callable ``(in_channels,
     num_classes) -> nn.Module``) mapping ``[B, in_channels, H, W] -> [B, num_classes]``."""
-    positive_int("in_channels", in_channels)
-    positive_int("num_classes", num_classes)
+    positive_int(in_channels, "in_channels")
+    positive_int(num_classes, "num_classes")
     if callable(name):
         return name(in_channels, num_classes)
     if name not in BACKBONES:

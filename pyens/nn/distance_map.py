@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyens.checks import positive_int
+from pyens.checks import choice_arg, positive_int
 
 FORMS = ("diag", "tril", "full")
 CENTERS = ("identity", "1d")
@@ -86,10 +86,9 @@ class DistanceMap(nn.Module):
                  randomized: bool = False, augment: bool = False, sigma: float = 0.1, samples: int = 20,
                  seed: int | None = None, eps: float = 1e-12, generator: torch.Generator | None = None):
         super().__init__()
-        n = positive_int("in_features", in_features)
-        c = positive_int("num_classes", num_classes)
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+        n = positive_int(in_features, "in_features")
+        c = positive_int(num_classes, "num_classes")
+        choice_arg(form, "form", FORMS)
         self.in_features, self.num_classes, self.form = n, c, form
         self.eps = _positive("eps", eps, allow_zero=True)
         self.set_variant("rdml" if randomized else "aug" if augment else "dml", sigma=sigma, samples=samples,
@@ -185,7 +184,7 @@ class DistanceMap(nn.Module):
             raise ValueError(f"variant must be 'dml', 'rdml' or 'aug'; got {variant!r}")
         self.variant = variant
         self.sigma = _positive("sigma", sigma if sigma is not None else self.sigma, allow_zero=True)
-        self.samples = positive_int("samples", samples if samples is not None else self.samples)
+        self.samples = positive_int(samples if samples is not None else self.samples, "samples")
         self.seed = _seed(seed)
         return self
 

@@ -154,6 +154,6 @@ class Ensemble(MemberEnsemble):
 def build_ensemble(backbone: str | BackboneFactory, *, members: int, in_channels: int, num_classes: int,
                    mean: Sequence[float], std: Sequence[float]) -> Ensemble:
     """M independently initialised :func:`build_model` models as an :class:`Ensemble`."""
-    positive_int("members", members)
+    positive_int(members, "members")
     return Ensemble([build_model(backbone, in_channels=in_channels, num_classes=num_classes, mean=mean, std=std)
                      for _ in range(members)])

@@ -39,10 +39,10 @@ class MIMO(MemberEnsemble):
     def __init__(self, backbone: str | BackboneFactory, *, members: int, in_channels: int, num_classes: int,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
         super().__init__()
-        self.members = positive_int("members", members)
+        self.members = positive_int(members, "members")
         # Checked before the multiplication by M, so an error shows the value passed.
-        self.in_channels = positive_int("in_channels", in_channels)
-        self.num_classes = positive_int("num_classes", num_classes)
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.num_classes = positive_int(num_classes, "num_classes")
         self.normalize = Normalize(mean, std)
         self.backbone = build_backbone(backbone, in_channels=in_channels * members, num_classes=num_classes * members)
 
@@ -115,14 +115,14 @@ def mimo_batch(x: torch.Tensor, y: torch.Tensor, members: int, *,
         no randomness, every example is still seen once per epoch in slot 0, and ``members=1``
         is exactly ordinary training.
     """
-    positive_int("members", members)
+    positive_int(members, "members")
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W]; got shape {tuple(x.shape)}")
     b = x.shape[0]
     if y.shape != (b,):
         raise ValueError(f"y must be [B={b}] labels matching x; got shape {tuple(y.shape)}")
-    integer_labels("y", y)
-    repetition = probability("repetition", repetition)
+    integer_labels(y, "y")
+    repetition = probability(repetition, "repetition")
     device = generator.device if generator is not None else torch.device("cpu")
     perms = [torch.arange(b, device=device)]
     perms += [torch.randperm(b, generator=generator, device=device) for _ in range(members - 1)]

@@ -4,7 +4,7 @@
 first use. See :func:`backends` for what would run where, and :func:`use_backend` /
 ``PYENS_BACKEND`` to force one.
 """
-from pyens.ops._backend import (
+from pyens.ops.dispatch import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,

@@ -13,6 +13,8 @@ import torch
 LINF, L2, L1 = 0, 1, 2
 NORM_CODES = {"linf": LINF, "l2": L2, "l1": L1}
 PROJECT, DIRECTION, STEP = 0, 1, 2
+# lp_project / lp_step: onto the intersection of ball and box, or ball then box clamp.
+PROJECTIONS = ("exact", "sequential")
 # Bits of the flag every lp kernel returns: which argument held NaN or infinity (the op
 # wrapper raises an error naming it).
 BAD_DELTA, BAD_GRAD, BAD_X = 1, 2, 4

@@ -5,9 +5,11 @@ These are the inner loop of PGD-based adversarial training and of MAT (MAT paper
     delta <- Π_{B_p(eps) ∩ box}( delta + alpha * V_p(grad) )
 
 Each public function checks its arguments (errors name the argument), reshapes the input to
-rows ``[R, n]`` and calls a ``torch.library`` custom op (``pyens::lp_step`` etc.) whose fake
-kernel makes it traceable by ``torch.compile(fullgraph=True)``. The op's implementation picks
-a backend (:mod:`pyens.ops._backend`) and runs that backend's ``lp_rows`` kernel; all
+rows ``[R, n]`` and calls its :class:`~pyens.ops.dispatch.RegisteredOp`: the ``torch.library``
+custom op (``pyens::lp_step`` etc., whose fake kernel makes it traceable by
+``torch.compile(fullgraph=True)``) or, in eager mode, the same implementation without the
+dispatcher's 18-54 us a call (docs/performance.md, "Eager calls and the registered op"). The implementation picks
+a backend (:mod:`pyens.ops.dispatch`) and runs that backend's ``lp_rows`` kernel; all
 backends share this schema, these checks and the finite-input check, and differ only in the
 kernel. Outputs never carry autograd history (the step is not differentiated through).
 
@@ -29,19 +31,18 @@ from typing import Sequence, Union
 
 import torch
 
-from pyens.ops._backend import Kernel, Op, register_op
-from pyens.checks import count_arg, real_arg
-from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, STEP
+from pyens.ops.dispatch import Kernel, Op, RegisteredOp, register_op
+from pyens.checks import box_arg, choice_arg, count_arg, positive_int, real_arg
+from pyens.ops.contract import DIRECTION, L1, L2, LINF, PROJECT, PROJECTIONS, STEP, acc_dtype
 
 Norm = Union[str, float, int]
 _NORMS = {"linf": LINF, "inf": LINF, "l2": L2, "2": L2, "l1": L1, "1": L1}
-_PROJECTIONS = ("exact", "sequential")
 
 
 def _load_cpu():
-    from pyens.ops._backend import _compiled
+    from pyens.ops.dispatch import compiled_extension
 
-    _compiled()  # importing pyens._C registers pyens_C::lp_rows
+    compiled_extension()  # importing pyens._C registers pyens_C::lp_rows
     return torch.ops.pyens_C.lp_rows
 
 
@@ -57,8 +58,9 @@ def _load_reference():
     return lp_rows
 
 
-def _triton_max_n() -> int:
-    return 65536  # pyens.kernels.lp_step.MAX_N; kept here so that choosing does not import triton
+# The longest row the Triton kernel takes: pyens.kernels.lp_step.MAX_N, repeated here so that
+# choosing a backend does not import triton (a test checks that the two agree).
+TRITON_MAX_N = 65536
 
 
 _CPU_DTYPES = frozenset({torch.float32, torch.float64})
@@ -70,7 +72,7 @@ _ALPHA_MAX = {torch.float32: math.sqrt(torch.finfo(torch.float32).max),
 OP = register_op(Op("lp_step", {
     # One compiled schema: the dispatcher routes CUDA tensors to the .cu kernel.
     "cuda": Kernel("cuda", _load_cpu),
-    "triton": Kernel("triton", _load_triton, max_n=_triton_max_n()),
+    "triton": Kernel("triton", _load_triton, max_n=TRITON_MAX_N),
     "cpu": Kernel("cpu", _load_cpu, dtypes=_CPU_DTYPES),
     "reference": Kernel("reference", _load_reference),
 }))
@@ -154,8 +156,7 @@ def _member_params(norm, eps, alpha, k, members):
     if len(lengths) > 1:
         raise ValueError(f"norm, eps, alpha and k given as sequences must share one length, got lengths {sorted(lengths)}")
     if members is not None:
-        if isinstance(members, bool) or not isinstance(members, numbers.Integral) or members < 1:
-            raise ValueError(f"members must be a positive int, got {members!r}")
+        positive_int(members, "members")
         if lengths and lengths != {members}:
             raise ValueError(f"members={members} but the parameter sequences have length {lengths.pop()}")
     elif lengths:
@@ -174,24 +175,9 @@ def _member_params(norm, eps, alpha, k, members):
     return m, norms, epss, alphas, ks
 
 
-def _box(box) -> tuple[float, float]:
-    try:
-        lo, hi = box
-    except (TypeError, ValueError):
-        raise ValueError(f"box must be a pair (lo, hi), got {box!r}") from None
-    try:
-        lo, hi = float(lo), float(hi)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"box must be a pair (lo, hi) of finite numbers, got {box!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"box must be finite with lo <= hi, got ({lo}, {hi})")
-    return lo, hi
-
-
 def _projection(projection: str) -> bool:
-    if projection not in _PROJECTIONS:
-        raise ValueError(f"projection must be 'exact' or 'sequential', got {projection!r}")
-    return projection == "exact"
+    """True for the exact projection onto the intersection (the kernels' ``exact`` flag)."""
+    return choice_arg(projection, "projection", PROJECTIONS) == "exact"
 
 
 def check_tensors(fn: str, members: int, **tensors: torch.Tensor) -> None:
@@ -253,7 +239,7 @@ def _lp_step_impl(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, memb
                   eps: list[float], alpha: list[float], k: list[int], lo: float, hi: float,
                   exact: bool) -> torch.Tensor:
     # Here rather than in lp_step() so that a direct torch.ops.pyens.lp_step call is checked too.
-    acc = torch.float64 if delta.dtype == torch.float64 else torch.float32  # docs/ops.md, "Dtypes"
+    acc = acc_dtype(delta.dtype)  # docs/ops.md, "Dtypes"
     if alpha and max(alpha) > _ALPHA_MAX[acc]:
         i = max(range(len(alpha)), key=alpha.__getitem__)
         raise ValueError(f"lp_step: alpha{f'[{i}]' if members else ''} must be at most {_ALPHA_MAX[acc]:.4g} for "
@@ -261,31 +247,22 @@ def _lp_step_impl(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, memb
     return _run("lp_step", STEP, delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact)
 
 
-_lp_project_op = torch.library.custom_op("pyens::lp_project", _lp_project_impl, mutates_args=())
-_steepest_direction_op = torch.library.custom_op("pyens::steepest_direction", _steepest_direction_impl, mutates_args=())
-_lp_step_op = torch.library.custom_op("pyens::lp_step", _lp_step_impl, mutates_args=())
-
-
-def _dispatch(op, impl):
-    """The registered op while torch.compile traces; in eager mode the same implementation
-    called directly, which skips ~50 us of custom-op dispatch per call (inputs are detached,
-    so there is no autograd for the dispatcher to do)."""
-    return op if torch.compiler.is_compiling() else impl
-
-
-@_lp_project_op.register_fake
-def _(delta, x, members, norms, eps, lo, hi, exact):
+def _fake_project(delta, x, members, norms, eps, lo, hi, exact):
     return delta.new_empty(delta.shape)
 
 
-@_steepest_direction_op.register_fake
-def _(grad, x, delta, members, norms, k, lo, hi):
+def _fake_direction(grad, x, delta, members, norms, k, lo, hi):
     return grad.new_empty(grad.shape)
 
 
-@_lp_step_op.register_fake
-def _(delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact):
+def _fake_step(delta, grad, x, members, norms, eps, alpha, k, lo, hi, exact):
     return delta.new_empty(delta.shape)
+
+
+# No autograd: the step is not differentiated through (the public functions detach).
+LP_PROJECT = RegisteredOp("lp_project", _lp_project_impl, fake=_fake_project)
+STEEPEST_DIRECTION = RegisteredOp("steepest_direction", _steepest_direction_impl, fake=_fake_direction)
+LP_STEP = RegisteredOp("lp_step", _lp_step_impl, fake=_fake_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +290,8 @@ def lp_project(delta: torch.Tensor, x: torch.Tensor, *, norm: Norm | Sequence[No
     """
     m, norms, epss, _, _ = member_params(norm, eps, 0.0, 1, members)
     check_tensors("lp_project", m, delta=delta, x=x)
-    lo, hi = _box(box)
-    return _dispatch(_lp_project_op, _lp_project_impl)(
+    lo, hi = box_arg(box)
+    return LP_PROJECT(
         delta.detach(), x.detach(), m, norms, epss, lo, hi, _projection(projection))
 
 
@@ -338,8 +315,8 @@ def steepest_direction(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor 
         delta = torch.zeros_like(x)
     m, norms, _, _, ks = member_params(norm, 0.0, 0.0, k, members)
     check_tensors("steepest_direction", m, grad=grad, x=x, delta=delta)
-    lo, hi = _box(box)
-    return _dispatch(_steepest_direction_op, _steepest_direction_impl)(
+    lo, hi = box_arg(box)
+    return STEEPEST_DIRECTION(
         grad.detach(), x.detach(), delta.detach(), m, norms, ks, lo, hi)
 
 
@@ -365,6 +342,6 @@ def lp_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, *, norm: N
     """
     m, norms, epss, alphas, ks = member_params(norm, eps, alpha, k, members)
     check_tensors("lp_step", m, delta=delta, grad=grad, x=x)
-    lo, hi = _box(box)
-    return _dispatch(_lp_step_op, _lp_step_impl)(
+    lo, hi = box_arg(box)
+    return LP_STEP(
         delta.detach(), grad.detach(), x.detach(), m, norms, epss, alphas, ks, lo, hi, _projection(projection))

@@ -10,7 +10,7 @@ Each public function checks its arguments (errors name the argument) and calls a
 a fake kernel (``torch.compile(fullgraph=True)``) and an autograd formula registered with
 ``register_autograd``: the backward is ONE call of the backend's backward kernel, which
 computes only the gradients ``ctx.needs_input_grad`` asks for.  The op's implementation picks
-a backend (:mod:`pyens.ops._backend`): ``cpu`` / ``cuda`` (``pyens._C``), ``triton``
+a backend (:mod:`pyens.ops.dispatch`): ``cpu`` / ``cuda`` (``pyens._C``), ``triton``
 (``pyens.kernels.mahalanobis``) or ``reference`` (``pyens.reference.mahalanobis``); they share
 this schema and these checks and differ only in the kernels.
 
@@ -19,11 +19,12 @@ The forward also returns the transformed points ``ut = F x`` ``[E, N, B]`` and `
 no second transform.  The randomized op saves nothing per sample: its backward regenerates
 the draws from the seed (or reads the explicit ``noise``), so memory does not grow with T.
 
-In eager mode the public functions skip the custom-op dispatch (~50 us per call, a third of
-the whole op at the papers' sizes): the compiled backends' ``pyens_C::mahalanobis_fwd`` carries
-its own C++ autograd kernel (same saved state, same single backward kernel), the others run
-through an ``autograd.Function`` that shares the custom op's ``setup_context`` and backward.
-Under ``torch.compile`` they call the registered ops.
+Each op is one :class:`~pyens.ops.dispatch.RegisteredOp`: the autograd formula above is its
+only definition. Under ``torch.compile`` calls go through the registered op; in eager mode
+they skip the dispatcher (which makes the forward and backward 1.46x slower at the paper's
+size: docs/performance.md, "Eager calls and the registered op") and run the same
+implementation through an ``autograd.Function`` built from the same ``setup_context`` and
+backward.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from typing import Optional
 
 import torch
 
-from pyens.ops._backend import Kernel, Op, register_op
+from pyens.ops.dispatch import Kernel, Op, RegisteredOp, register_op
 from pyens.checks import count_arg, real_arg
-from pyens.ops.contract import FORMS, acc_dtype
+from pyens.ops.contract import FORM_NAMES, FORMS, acc_dtype
 
 _SEED_LIMIT = 2**63
 
@@ -64,9 +65,9 @@ class _Compiled:
 
 
 def _load_compiled():
-    from pyens.ops._backend import _compiled
+    from pyens.ops.dispatch import compiled_extension
 
-    _compiled()  # importing pyens._C registers pyens_C::mahalanobis_*
+    compiled_extension()  # importing pyens._C registers pyens_C::mahalanobis_*
     return _Compiled
 
 
@@ -165,11 +166,20 @@ def _noise(noise, samples, x, centers, fn: str) -> tuple[Optional[torch.Tensor],
 
 
 # ---------------------------------------------------------------------------------------------
-# implementations (backend choice) and the custom ops
+# implementations (backend choice), fake kernels and autograd: one definition per op
+
+# The compiled kernels check shapes, dtypes and devices themselves (TORCH_CHECK in
+# csrc/mahalanobis.h); for them the Python checks run only when a call fails, to name the
+# argument in the error: at the papers' sizes they cost a tenth of the whole op.
+_SELF_CHECKING = frozenset({"cpu", "cuda"})
+
 
 def _forward_impl(x: torch.Tensor, P: torch.Tensor, centers: torch.Tensor, form: int,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_kernels(x).forward(x, P, centers, form, eps))
+    backend, kernels = OP.select(x.device, x.dtype, x.shape[-1])
+    if backend not in _SELF_CHECKING:
+        check_inputs("mahalanobis", x, P, centers, FORM_NAMES.get(form, form))
+    return tuple(kernels.forward(x, P, centers, form, eps))
 
 
 def _backward_impl(grad: torch.Tensor, x: torch.Tensor, P: torch.Tensor, centers: torch.Tensor, d: torch.Tensor,
@@ -190,42 +200,28 @@ def _rbackward_impl(grad: torch.Tensor, x: torch.Tensor, P: torch.Tensor, center
                                        list(needs)))
 
 
-_mahalanobis_op = torch.library.custom_op("pyens::mahalanobis", _forward_impl, mutates_args=())
-_mahalanobis_backward_op = torch.library.custom_op("pyens::mahalanobis_backward", _backward_impl, mutates_args=())
-_randomized_op = torch.library.custom_op("pyens::randomized_mahalanobis", _rforward_impl, mutates_args=())
-_randomized_backward_op = torch.library.custom_op("pyens::randomized_mahalanobis_backward", _rbackward_impl,
-                                                  mutates_args=())
-
-
 def _fake_grads(x, P, centers, needs):
     return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip((x, P, centers), needs))
 
 
-@_mahalanobis_op.register_fake
-def _(x, P, centers, form, eps):
+def _fake_forward(x, P, centers, form, eps):
     acc = acc_dtype(x.dtype)
     (B, E, C, N) = (x.shape[0], *centers.shape)
     return (x.new_empty((B, E, C), dtype=acc), x.new_empty((E, N, B), dtype=acc),
             x.new_empty((E, C, N), dtype=acc))
 
 
-@_mahalanobis_backward_op.register_fake
-def _(grad, x, P, centers, d, ut, v, form, eps, needs):
+def _fake_backward(grad, x, P, centers, d, ut, v, form, eps, needs):
     return _fake_grads(x, P, centers, needs)
 
 
-@_randomized_op.register_fake
-def _(x, P, centers, noise, seed, samples, sigma, form, eps):
+def _fake_rforward(x, P, centers, noise, seed, samples, sigma, form, eps):
     return x.new_empty((x.shape[0], centers.shape[0], centers.shape[1]), dtype=acc_dtype(x.dtype))
 
 
-@_randomized_backward_op.register_fake
-def _(grad, x, P, centers, noise, seed, samples, sigma, form, eps, needs):
+def _fake_rbackward(grad, x, P, centers, noise, seed, samples, sigma, form, eps, needs):
     return _fake_grads(x, P, centers, needs)
 
-
-# ---------------------------------------------------------------------------------------------
-# autograd (one definition, used by the registered ops and by the eager path)
 
 def _setup(ctx, inputs, output):
     x, P, centers, form, eps = inputs
@@ -235,81 +231,39 @@ def _setup(ctx, inputs, output):
     ctx.form, ctx.eps = form, eps
 
 
+def _backward(ctx, grad_d, *_unused):  # ut and v are not differentiable
+    """DML eq. 2's gradients in one backend call that computes only what ``needs`` asks for."""
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if not any(needs):
+        return None, None, None, None, None
+    x, P, centers, d, ut, v = ctx.saved_tensors
+    grads = MAHALANOBIS_BACKWARD.within(ctx)(grad_d.contiguous(), x, P, centers, d, ut, v, ctx.form, ctx.eps, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+
+
 def _rsetup(ctx, inputs, output):
     x, P, centers, noise, seed, samples, sigma, form, eps = inputs
     ctx.save_for_backward(x, P, centers, noise, seed)
     ctx.samples, ctx.sigma, ctx.form, ctx.eps = samples, sigma, form, eps
 
 
-def _needs(ctx) -> list[bool]:
-    return [bool(n) for n in ctx.needs_input_grad[:3]]
+def _rbackward(ctx, grad_d):
+    """Eq. 4-5's gradients; the draws are regenerated from the seed (or read from ``noise``)."""
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if not any(needs):
+        return (None,) * 9
+    x, P, centers, noise, seed = ctx.saved_tensors
+    grads = RANDOMIZED_BACKWARD.within(ctx)(grad_d.contiguous(), x, P, centers, noise, seed, ctx.samples,
+                                            ctx.sigma, ctx.form, ctx.eps, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)),) + (None,) * 6
 
 
-def _or_none(grads, needs):
-    return tuple(g if n else None for g, n in zip(grads, needs))
-
-
-def _make_backward(call):
-    def backward(ctx, grad_d, *_unused):  # ut and v are not differentiable
-        x, P, centers, d, ut, v = ctx.saved_tensors
-        needs = _needs(ctx)
-        if not any(needs):
-            return None, None, None, None, None
-        grads = call(grad_d.contiguous(), x, P, centers, d, ut, v, ctx.form, ctx.eps, needs)
-        return (*_or_none(tuple(grads), needs), None, None)
-
-    return backward
-
-
-def _make_rbackward(call):
-    def backward(ctx, grad_d):
-        x, P, centers, noise, seed = ctx.saved_tensors
-        needs = _needs(ctx)
-        if not any(needs):
-            return (None,) * 9
-        grads = call(grad_d.contiguous(), x, P, centers, noise, seed, ctx.samples, ctx.sigma, ctx.form,
-                     ctx.eps, needs)
-        return (*_or_none(tuple(grads), needs),) + (None,) * 6
-
-    return backward
-
-
-_mahalanobis_op.register_autograd(_make_backward(_mahalanobis_backward_op), setup_context=_setup)
-_randomized_op.register_autograd(_make_rbackward(_randomized_backward_op), setup_context=_rsetup)
-
-
-# The eager path: the same setup and backward, called from a classic autograd.Function (one
-# with a separate setup_context binds its arguments with inspect.signature on every call,
-# ~30 us), and the backward runs on the forward's backend without choosing again.
-class _EagerMahalanobis(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, P, centers, form, eps):
-        kernels = _kernels(x)
-        out = tuple(kernels.forward(x, P, centers, form, eps))
-        _setup(ctx, (x, P, centers, form, eps), out)
-        ctx.kernels = kernels
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_d, *unused):
-        return _make_backward(ctx.kernels.backward)(ctx, grad_d, *unused)
-
-
-class _EagerRandomized(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, P, centers, noise, seed, samples, sigma, form, eps):
-        kernels = _kernels(x)
-        out = kernels.rforward(x, P, centers, noise, int(seed), samples, sigma, form, eps)
-        _rsetup(ctx, (x, P, centers, noise, seed, samples, sigma, form, eps), out)
-        ctx.kernels = kernels
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_d):
-        def call(grad, x, P, centers, noise, seed, *rest):
-            return ctx.kernels.rbackward(grad, x, P, centers, noise, int(seed), *rest)
-
-        return _make_rbackward(call)(ctx, grad_d)
+MAHALANOBIS_BACKWARD = RegisteredOp("mahalanobis_backward", _backward_impl, fake=_fake_backward)
+RANDOMIZED_BACKWARD = RegisteredOp("randomized_mahalanobis_backward", _rbackward_impl, fake=_fake_rbackward)
+MAHALANOBIS = RegisteredOp("mahalanobis", _forward_impl, fake=_fake_forward, setup_context=_setup,
+                           backward=_backward, differentiable=3)
+RANDOMIZED = RegisteredOp("randomized_mahalanobis", _rforward_impl, fake=_fake_rforward, setup_context=_rsetup,
+                          backward=_rbackward, differentiable=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,23 +290,15 @@ def mahalanobis(x: torch.Tensor, P: torch.Tensor, centers: torch.Tensor, *, form
     """
     code = _form(form, "mahalanobis")
     eps = _eps(eps, "mahalanobis")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the fake kernel checks nothing
         check_inputs("mahalanobis", x, P, centers, form)
-        d, _, _ = _mahalanobis_op(x, P, centers, code, eps)
-        return d if d.dtype == x.dtype else d.to(x.dtype)
-    try:
-        kernels = _kernels(x)
-        # The compiled op checks the same things itself (TORCH_CHECK in csrc/mahalanobis.h), so
-        # the Python checks run only when it fails, to name the argument in the error: they
-        # cost as much as a tenth of the whole op at the papers' sizes. Its autograd is in C++
-        # (DistanceMap in csrc/mahalanobis.cpp).
-        d = kernels.forward(x, P, centers, code, eps)[0] if kernels is _Compiled else None
-    except Exception:
-        check_inputs("mahalanobis", x, P, centers, form)
-        raise
-    if d is None:
-        check_inputs("mahalanobis", x, P, centers, form)
-        d, _, _ = _EagerMahalanobis.apply(x, P, centers, code, eps)
+        d = MAHALANOBIS(x, P, centers, code, eps)[0]
+    else:
+        try:
+            d = MAHALANOBIS(x, P, centers, code, eps)[0]
+        except Exception:
+            check_inputs("mahalanobis", x, P, centers, form)  # names the argument at fault, if one is
+            raise
     return d if d.dtype == x.dtype else d.to(x.dtype)
 
 
@@ -387,10 +333,7 @@ def randomized_mahalanobis(x: torch.Tensor, P: torch.Tensor, centers: torch.Tens
     sigma = real_arg(sigma, f"{fn}: sigma", allow_inf=False)
     noise, T = _noise(noise, samples, x, centers, fn)
     seed_t = _seed(seed, fn) if noise is None else torch.zeros((), dtype=torch.int64)
-    if torch.compiler.is_compiling():
-        d = _randomized_op(x, P, centers, noise, seed_t, T, sigma, code, eps)
-    else:
-        d = _EagerRandomized.apply(x, P, centers, noise, seed_t, T, sigma, code, eps)
+    d = RANDOMIZED(x, P, centers, noise, seed_t, T, sigma, code, eps)
     return d if d.dtype == x.dtype else d.to(x.dtype)
 
 

@@ -288,13 +288,13 @@ def _noise_case(shape, seeds=(0, 12345, 2**62 + 7)):
 
 # The CUDA lp kernel stages rows in dynamic shared memory up to the device's opt-in limit less
 # its static arrays; rows at the edges of the 48 KiB default (csrc/lp_step.cu) must run too.
-_SMEM_EDGES = {torch.float32: (4021, 4022, 4096, 6031, 6032, 6144, 12063, 12064, 12288),
-               torch.float64: (1989, 1990, 2048, 2983, 2984, 3072)}
+SMEM_EDGES = {torch.float32: (4021, 4022, 4096, 6031, 6032, 6144, 12063, 12064, 12288),
+              torch.float64: (1989, 1990, 2048, 2983, 2984, 3072)}
 
 
 def _smem_case():
     def check(kernel, device, dtype, chk: _Checker):
-        for n in _SMEM_EDGES[dtype]:
+        for n in SMEM_EDGES[dtype]:
             for norms, modes in (([L2], (0, 2)), ([L1], (0, 1, 2))):
                 sub = _Checker()
                 _lp_case(n, 2, norms, modes=modes, seed=n)(kernel, device, dtype, sub)
@@ -347,14 +347,14 @@ CASES: tuple[Case, ...] = (
 
 def _ops():
     import pyens.ops  # noqa: F401  registers every op
-    from pyens.ops._backend import OPS
+    from pyens.ops.dispatch import OPS
 
     return OPS
 
 
 def backends_for(device: torch.device, backend: str | None = None) -> list[str]:
     """The backends the selftest runs on ``device``: every available one but the reference."""
-    from pyens.ops._backend import BACKENDS
+    from pyens.ops.dispatch import BACKENDS
 
     ops = _ops()
     names = [backend] if backend else [b for b in BACKENDS if b != "reference"]
@@ -408,7 +408,7 @@ def run(device: str | torch.device = "cpu", backend: str | None = None, quick: b
 
     Raises ValueError for an unknown backend, or one that cannot run on ``device`` at all.
     """
-    from pyens.ops._backend import BACKENDS
+    from pyens.ops.dispatch import BACKENDS
 
     device = torch.device(device)
     if backend is not None and backend not in BACKENDS:
@@ -455,7 +455,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyens"
 
 
-def _file_identity(path: str | None) -> str:
+def file_identity(path: str | None) -> str:
+    """``name:size:mtime`` of a built file (``"missing"`` without one): a rebuild changes it."""
     if not path or not os.path.exists(path):
         return "missing"
     st = os.stat(path)
@@ -469,10 +470,10 @@ def build_key(backend: str) -> str:
 
     parts = [f"pyens {pyens.__version__}"]
     if backend in ("cpu", "cuda"):
-        from pyens.ops._backend import _compiled
+        from pyens.ops.dispatch import compiled_extension
 
-        mod, _ = _compiled()
-        parts.append(_file_identity(getattr(mod, "__file__", None)))
+        mod, _ = compiled_extension()
+        parts.append(file_identity(getattr(mod, "__file__", None)))
     elif backend == "triton":
         import triton
 
@@ -531,7 +532,7 @@ def read_cached(key: dict) -> dict | None:
 
 def write_cached(key: dict, verdict: dict) -> None:
     """Atomically (parallel processes may check at once); an unwritable cache is not an error."""
-    from pyens._files import atomic_write_text
+    from pyens.atomic_files import atomic_write_text
 
     path = _cache_path(key)
     try:

@@ -209,16 +209,31 @@ def forward(x, P, centers, form: int, eps: float):
 
 
 def _grads(fn, grad, inputs, needs):
-    """Autograd of ``fn(*inputs)`` for the inputs flagged in ``needs`` (empty tensors for the others)."""
+    """The vector-Jacobian product of ``fn(*inputs)`` with ``grad`` for the inputs flagged in
+    ``needs`` (empty tensors for the others)."""
     acc = _acc(*inputs)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(acc, needs)]
-        out = fn(*leaves)
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        # The vector-Jacobian product as the gradient of the scalar sum(out * grad): the same
-        # values (the product's backward hands each output exactly its grad), but no tensor of
-        # gradient outputs, for which torch imports sympy (~1 s) on its first autograd.grad.
-        got = iter(torch.autograd.grad((out * grad.to(out.dtype)).sum(), wanted) if wanted else ())
+    wanted = [i for i, n in enumerate(needs) if n]
+
+    # The product as the gradient of the scalar sum(out * grad): the same values, and no tensor
+    # of gradient outputs, for which torch imports sympy (~1 s) on the first autograd.grad.
+    def weighted_sum(*w):
+        args = list(acc)
+        for i, t in zip(wanted, w):
+            args[i] = t
+        out = fn(*args)
+        return (out * grad.to(out.dtype)).sum()
+
+    got = ()
+    if wanted:
+        with torch.enable_grad():
+            leaves = [acc[i].detach().requires_grad_() for i in wanted]
+            total = weighted_sum(*leaves)
+            if total.requires_grad:
+                got = torch.autograd.grad(total, leaves)
+            else:  # inside the registered backward op, whose dispatch has autograd switched off:
+                # torch.func's transform works below it (its first call costs ~1 s, once)
+                got = torch.func.grad(weighted_sum, argnums=tuple(range(len(wanted))))(*leaves)
+    got = iter(got)
     return tuple(next(got).to(t.dtype) if n else t.new_empty(0) for t, n in zip(inputs, needs))
 
 

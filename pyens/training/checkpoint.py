@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyens._files import atomic_write
+from pyens.atomic_files import atomic_write
 from pyens.training.run_dir import CHECKPOINT  # noqa: F401  (the file name, re-exported)
 
 BACKUP_SUFFIX = ".orig"  # convert() keeps the file it converted as checkpoint.pt.orig (.orig-2, ...)
@@ -82,7 +82,7 @@ def _slow_write_hook() -> None:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save(obj, path)``, atomically (:func:`pyens._files.atomic_write`)."""
+    """``torch.save(obj, path)``, atomically (:func:`pyens.atomic_files.atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f), before_rename=_slow_write_hook)
 
 

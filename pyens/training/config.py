@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
-from pyens.checks import positive_int, probability
+from pyens.checks import choice_arg, positive_int, probability, real_arg
 
 from pyens.papers import NORMS, PAPER_ALPHA, PAPER_EPS  # noqa: F401  (re-exported: configs' radii)
 
@@ -138,27 +138,27 @@ class TrainConfig:
         for p in norms:
             if p not in NORMS:
                 raise ValueError(f"norms: each must be one of {NORMS}, got {p!r}")
-        positive_int("members", cfg.members)
+        positive_int(cfg.members, "members")
         norms = method.member_norms(norms, cfg.members)
         cfg.norms = norms
         cfg.eps = _per_norm(cfg.eps, norms, PAPER_EPS[cfg.dataset], "eps")
         cfg.alpha = _per_norm(cfg.alpha, norms, PAPER_ALPHA[cfg.dataset], "alpha")
         cfg.members = method.members(norms, cfg.members)
         for name in ("steps", "k", "epochs", "batch_size"):
-            positive_int(name, getattr(cfg, name))
-        cfg.eps_warmup = probability("eps_warmup", cfg.eps_warmup)
+            positive_int(getattr(cfg, name), name)
+        cfg.eps_warmup = probability(cfg.eps_warmup, "eps_warmup")
         for name in ("train_size", "max_steps"):
             if int(getattr(cfg, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-        _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
-        _choice(cfg.schedule, SCHEDULES, "schedule")
-        _choice(cfg.outer, OUTER_LOSSES, "outer")
-        _choice(cfg.msd_select, MSD_SELECTS, "msd_select")
+        choice_arg(cfg.optimizer, "optimizer", OPTIMIZERS)
+        choice_arg(cfg.schedule, "schedule", SCHEDULES)
+        choice_arg(cfg.outer, "outer", OUTER_LOSSES)
+        choice_arg(cfg.msd_select, "msd_select", MSD_SELECTS)
         from pyens.attacks.msd import check_k_range
 
         cfg.k_range = tuple(check_k_range(tuple(cfg.k_range) if isinstance(cfg.k_range, list) else cfg.k_range,
                                           "k_range") or ())
-        cfg.input_repetition = probability("input_repetition", cfg.input_repetition)
+        cfg.input_repetition = probability(cfg.input_repetition, "input_repetition")
         for name in ("lr", "weight_decay", "momentum"):
             v = float(getattr(cfg, name))
             if not math.isfinite(v) or v < 0:
@@ -197,11 +197,6 @@ def _toml_value(v) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _choice(v, options, name: str) -> None:
-    if v not in options:
-        raise ValueError(f"{name} must be one of {options}, got {v!r}")
-
-
 def _per_norm(values, norms, paper: dict, name: str) -> tuple[float, ...]:
     if isinstance(values, dict):  # {norm: value}: looked up per member, paper value if absent
         bad = sorted(set(values) - set(NORMS))
@@ -210,12 +205,9 @@ def _per_norm(values, norms, paper: dict, name: str) -> tuple[float, ...]:
         values = tuple(values.get(p, paper[p]) for p in norms)
     if isinstance(values, (int, float)):
         values = (values,)
-    values = tuple(float(v) for v in values)
+    values = tuple(real_arg(v, name) for v in values)
     if not values:
         return tuple(paper[p] for p in norms)
-    for v in values:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
     if len(values) == 1 and len(set(norms)) > 1:
         # One number for radii of different norms (0.3 as linf, l2 and l1 radius) is never meant.
         raise ValueError(f"{name}: one value ({values[0]:g}) for members of different norms {norms}; give one "

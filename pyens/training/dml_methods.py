@@ -16,6 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from pyens.checks import choice_arg
 from pyens.training.method_base import Method, StepOutput, attack_mode, member_output, register
 
 VARIANTS = ("dml", "rdml", "aug")
@@ -66,8 +67,7 @@ class DMLSettings:
             v = getattr(s, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"extra.{name} must be a finite number >= 0; got {v!r}")
-        if s.variant not in VARIANTS:
-            raise ValueError(f"extra.variant must be one of {VARIANTS}; got {s.variant!r}")
+        choice_arg(s.variant, "extra.variant", VARIANTS)
         if not (s.trainable in ("all", "none") or (isinstance(s.trainable, int) and not isinstance(s.trainable, bool)
                                                    and s.trainable >= -1)):
             raise ValueError(f"extra.trainable must be -1 (K // members), an int >= 0, 'all' or 'none'; "

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyens._files import atomic_write_text, remove_stray_temporaries
+from pyens.atomic_files import atomic_write_text, remove_stray_temporaries
 from pyens.training import checkpoint, distributed
 from pyens.training.config import TrainConfig, config_from_dict, load_config
 from pyens.training.methods import StepContext, get_method
@@ -386,7 +386,7 @@ class _Trainer:
     def _progress(self):
         if not (self.show_progress and self.dist.main):
             return None
-        from pyens._progress import progress
+        from pyens.progress import progress
 
         # A bar on a terminal; one line every few seconds in a log (CI, `> log`).
         return progress(self.total_steps if not self.cfg.max_steps else min(self.total_steps, self.cfg.max_steps),

@@ -9,6 +9,16 @@ the error of a forced-but-unavailable backend repeats.
 Forcing: ``PYENS_BACKEND=<name>`` in the environment, or ``with use_backend(name):`` (which
 wins over the environment, and nests).  ``"auto"`` restores the automatic choice.
 
+Call path: every op is ONE :class:`RegisteredOp`, defined once (implementation, fake kernel,
+autograd formula) and registered with ``torch.library``. Under ``torch.compile`` a call goes
+through the registered op; in eager mode it takes the fast path: the same implementation
+called directly, and where an input requires grad, an ``autograd.Function`` built from the
+same ``setup_context`` and ``backward``. The dispatcher costs 18-60 us per call
+(``python -m bench.dispatch_overhead``: 1.80x for ``lp_step`` on one 784-pixel row, 1.46x for
+the DML layer's forward and backward at the paper's size), which is why the fast path exists;
+``with through_registered_ops():`` sends eager calls through the dispatcher instead, and the
+ops' correctness tests run both ways.
+
 Self-check: the automatic choice trusts a compiled backend on a device only once it has passed
 the quick subset of ``pyens selftest`` there (:mod:`pyens.ops.selftest`), run the first time
 the backend would serve the op in a process and cached on disk; a backend that fails is
@@ -35,6 +45,7 @@ PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyens_backend", default=None)
+_via_dispatcher: contextvars.ContextVar[bool] = contextvars.ContextVar("pyens_via_dispatcher", default=False)
 
 
 def _env_reader(name: str) -> Callable[[], str | None]:
@@ -52,7 +63,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled() -> tuple[object | None, str | None]:
+def compiled_extension() -> tuple[object | None, str | None]:
     """(pyens._C, None) or (None, why it cannot be imported)."""
     try:
         return importlib.import_module("pyens._C"), None
@@ -62,7 +73,7 @@ def _compiled() -> tuple[object | None, str | None]:
 
 def build_info() -> dict:
     """What pyens._C was built with (empty when it is not importable)."""
-    mod, _ = _compiled()
+    mod, _ = compiled_extension()
     return dict(mod.build_info()) if mod is not None else {}
 
 
@@ -121,11 +132,11 @@ def _why_not_backend(backend: str, device_type: str) -> str | None:
     if backend == "cpu":
         if device_type != "cpu":
             return f"the C++ CPU kernels take CPU tensors, not {device_type}"
-        return _compiled()[1]
+        return compiled_extension()[1]
     if backend == "cuda":
         if device_type != "cuda":
             return f"the CUDA kernels take CUDA tensors, not {device_type}"
-        mod, why = _compiled()
+        mod, why = compiled_extension()
         if mod is None:
             return why
         info = mod.build_info()
@@ -139,7 +150,7 @@ def _why_not_backend(backend: str, device_type: str) -> str | None:
         if device_type == "cuda":
             return None
         if device_type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
+            if _env_triton_interpret() != "1":
                 return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
             return None
         return f"Triton does not run on {device_type}"
@@ -164,6 +175,7 @@ class Op:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     _fell_back: set = field(default_factory=set)
     _chosen: dict = field(default_factory=dict)
+    _limits: tuple | None = None  # the kernels' max_n, once known
 
     def why_not(self, backend: str, device_type: str, dtype: torch.dtype | None = None,
                 n: int | None = None) -> str | None:
@@ -186,10 +198,13 @@ class Op:
         """The backend name and kernel that run a call on ``device``/``dtype`` with rows of ``n``."""
         forced = current_forced()
         # Availability does not change within a process except through the environment
-        # variables read here, so the choice is cached per situation (a PGD loop asks the
-        # same question every step).
-        fits = tuple(n <= k.max_n for k in self.kernels.values() if k.max_n is not None)
-        key = (forced, device.type, device.index, dtype, fits, _env_triton_interpret())
+        # variables read here, so the choice is cached per situation (a PGD loop and every
+        # backward ask the same question: this runs twice per forward and backward, so it
+        # reads TRITON_INTERPRET only where it can matter, for a forced triton).
+        if self._limits is None:
+            self._limits = tuple(k.max_n for k in self.kernels.values() if k.max_n is not None)
+        fits = tuple(n <= m for m in self._limits) if self._limits else ()
+        key = (forced, device, dtype, fits, _env_triton_interpret() if forced == "triton" else None)
         hit = self._chosen.get(key)
         if hit is None:
             hit = self._chosen[key] = self._select(forced, device, dtype, n)
@@ -253,7 +268,8 @@ def register_op(op: Op) -> Op:
 
 
 def forget_choices() -> None:
-    """Forget every op's cached backend choice and the fallbacks already warned about.
+    """Forget every op's cached backend choice, the fallbacks already warned about and each
+    device's architecture verdict.
 
     For tests and long-lived processes whose environment changed: the next call of each op
     chooses again, and warns again if it falls back.
@@ -262,6 +278,7 @@ def forget_choices() -> None:
         op._chosen.clear()
         op._fell_back.clear()
     _CHECKS.clear()
+    _cuda_arch_uncovered.cache_clear()
 
 
 # The first-use self-check's verdicts in this process: (op, backend, device) -> verdict dict
@@ -353,3 +370,68 @@ def available_backends(op: str, device: str | torch.device = "cpu",
     """The backends that can run ``op`` on ``device`` (any index) in ``dtype``, fastest first."""
     device_type = torch.device(device).type
     return [b for b in BACKENDS if OPS[op].why_not(b, device_type, dtype) is None]
+
+
+# ---------------------------------------------------------------------------------------------
+# one definition per op: the registered torch.library op and its eager fast path
+
+@contextlib.contextmanager
+def through_registered_ops() -> Iterator[None]:
+    """Inside the block, eager calls of every pyens op go through its registered
+    ``torch.library`` op (the path ``torch.compile`` and ``opcheck`` take) instead of the
+    fast path; the correctness tests run under it and without it."""
+    token = _via_dispatcher.set(True)
+    try:
+        yield
+    finally:
+        _via_dispatcher.reset(token)
+
+
+class RegisteredOp:
+    """The custom op ``pyens::<name>``: implementation, fake kernel and autograd, defined once.
+
+    Calling it runs the registered op under ``torch.compile`` and inside
+    :func:`through_registered_ops`; otherwise ``impl`` directly (the dispatcher would add
+    18-60 us and nothing else), through an ``autograd.Function`` whose forward is ``impl``
+    followed by ``setup_context`` and whose backward is ``backward`` itself when one of the
+    first ``differentiable`` arguments requires grad. A backward that calls another op's
+    kernels goes through :meth:`within`, so that it stays on the path its forward took.
+    """
+
+    def __init__(self, name: str, impl: Callable, *, fake: Callable, setup_context: Callable | None = None,
+                 backward: Callable | None = None, differentiable: int = 0):
+        self.name, self.impl, self.differentiable = name, impl, differentiable
+        self.op = torch.library.custom_op(f"pyens::{name}", impl, mutates_args=())
+        self.op.register_fake(fake)
+        self.function = None
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+            self.function = _eager_function(name, impl, setup_context, backward)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or _via_dispatcher.get():  # Dynamo cannot trace a ContextVar
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled() and any(
+                a.requires_grad for a in args[:self.differentiable] if isinstance(a, torch.Tensor)):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+    def within(self, ctx) -> Callable:
+        """The callable a backward uses for this op: ``impl`` under the eager fast path (the
+        forward marked ``ctx``), the registered op when autograd came through the dispatcher
+        (``torch.compile`` traces it with the fake kernel)."""
+        return self.impl if getattr(ctx, "fast_path", False) else self.op
+
+
+def _eager_function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A classic ``autograd.Function`` running ``impl`` with the op's own setup and backward (one
+    with a separate ``setup_context`` binds its arguments with inspect.signature on every
+    call, ~30 us)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        ctx.fast_path = True
+        return out
+
+    return type(f"{name}_fast_path", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
