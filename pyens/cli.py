@@ -161,7 +161,7 @@ def per_norm_arg(text: str):
                                          f"got {text!r}") from None
 
 
-def _eps_table(value, flag: str = "--eps") -> dict | None:
+def eps_table_arg(value, flag: str = "--eps") -> dict | None:
     """``pyens eval``'s ``--eps``/``--alpha``: ``{norm: value}`` (a bare list names no norm)."""
     if value is None or isinstance(value, dict):
         return value
@@ -225,7 +225,7 @@ def _config_defaults() -> dict:
         return TrainConfig().to_dict()
 
 
-def _check_eval_flags(args: argparse.Namespace):
+def check_eval_flags(args: argparse.Namespace):
     """The evaluation flags, checked before any training starts; returns the eval device."""
     from pyens.eval.catalogue import PGD_PRESETS
     from pyens.training.distributed import resolve_device
@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pyens.training import train
 
     if not args.no_eval:
-        _check_eval_flags(args)
+        check_eval_flags(args)
     overrides = {k: getattr(args, k) for k in _train_flags() if getattr(args, k) is not None}
     # --resume reads the run's own config; a --config given with it must match that.
     config = args.config or (None if args.resume else DEFAULT_CONFIG)
@@ -311,15 +311,15 @@ def _evaluate_runs(run_dirs, args: argparse.Namespace) -> int:
     from pyens.atomic_files import atomic_write_text
     from pyens.training.run_dir import RunDir
 
-    device = _check_eval_flags(args)
+    device = check_eval_flags(args)
     threat, eps, alpha = (getattr(args, k, None) for k in ("threat", "eps", "alpha"))
 
     def specs(dataset):
         if threat or eps or alpha:  # `pyens eval --threat/--eps/--alpha`: the threat model's attacks
             from pyens.eval.threats import threat_model, threat_specs
 
-            return threat_specs(args.attacks, threat_model(threat, _eps_table(eps), dataset), dataset,
-                                steps=args.eval_steps, restarts=args.eval_restarts, alpha=_eps_table(alpha, "--alpha"))
+            return threat_specs(args.attacks, threat_model(threat, eps_table_arg(eps), dataset), dataset,
+                                steps=args.eval_steps, restarts=args.eval_restarts, alpha=eps_table_arg(alpha, "--alpha"))
         # The same function builds pyens.evaluate(attacks=PRESET)'s attacks: the two agree.
         return preset_attacks(args.attacks, dataset, steps=args.eval_steps, restarts=args.eval_restarts)
 
@@ -383,7 +383,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         attack, _, param = key.partition(".")
         if not (attack and param and value):
             raise ValueError(f"--set: expected ATTACK.PARAM=VALUE, got {item!r}")
-        params.setdefault(attack, {})[param] = _literal(value)
+        params.setdefault(attack, {})[param] = literal_arg(value)
     for item in args.subset or []:  # attack=n
         attack, _, value = item.partition("=")
         if not (attack and value.isdigit()):
@@ -400,7 +400,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _literal(text: str):
+def literal_arg(text: str):
+    """A ``KEY=VALUE`` flag's value: a Python literal (``3``, ``0.5``, ``(1, 2)``, ``True``) when
+    it parses as one, parsed without evaluating code; else the text itself."""
     import ast
 
     try:

@@ -64,14 +64,14 @@ def add_model_flags(ev: argparse.ArgumentParser) -> None:
 
 
 def _model_args(items) -> dict:
-    from pyens.cli import _literal
+    from pyens.cli import literal_arg
 
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise ValueError(f"--model-arg: expected KEY=VALUE with KEY a Python name, got {item!r}")
-        out[key.strip()] = _literal(value)
+        out[key.strip()] = literal_arg(value)
     return out
 
 
@@ -104,7 +104,7 @@ def evaluate_model(args: argparse.Namespace) -> int:
     """``pyens eval --model ...``: load, check, evaluate, run the sanity checks, save, print."""
     import torch
 
-    from pyens.cli import _check_eval_flags, _eps_table
+    from pyens.cli import check_eval_flags, eps_table_arg
     from pyens.eval.foreign import (
         AUTOCAST,
         Autocast,
@@ -123,15 +123,15 @@ def evaluate_model(args: argparse.Namespace) -> int:
     from pyens.atomic_files import atomic_write_text
     from pyens.training.run_dir import RunDir
 
-    device = _check_eval_flags(args)
+    device = check_eval_flags(args)
     normalize = parse_normalize(args.normalize) if args.normalize else None
     model, info = load_model(args.model, weights=args.weights, model_args=_model_args(args.model_arg),
                              normalize=normalize)
     data = load_data(args.data, data_dir=args.data_dir, resize=parse_resize(args.resize), n=args.eval_n)
     dataset = getattr(data, "name", None)
-    threat = threat_model(args.threat, _eps_table(args.eps), dataset)
+    threat = threat_model(args.threat, eps_table_arg(args.eps), dataset)
     specs = threat_specs(args.attacks, threat, dataset, steps=args.eval_steps, restarts=args.eval_restarts,
-                         alpha=_eps_table(args.alpha, "--alpha"))
+                         alpha=eps_table_arg(args.alpha, "--alpha"))
     x, y = labelled(data, args.eval_n)
     check_model(model, x, y)
     name = args.name or _label(args.model)

@@ -47,7 +47,7 @@ def _images(class_dir: Path) -> list[Path]:
     return files
 
 
-def _round_robin(per_class: list[list[tuple[Path, int]]]) -> list[tuple[Path, int]]:
+def round_robin(per_class: list[list[tuple[Path, int]]]) -> list[tuple[Path, int]]:
     """Class 0's first image, class 1's first, ..., then every class's second, ..."""
     longest = max(map(len, per_class), default=0)
     return [group[i] for i in range(longest) for group in per_class if i < len(group)]
@@ -62,7 +62,7 @@ def _split_samples(root: Path, split: str) -> tuple[list[str], list[tuple[Path, 
         n_train = round(TRAIN_FRACTION * len(files))
         chosen = order[:n_train] if split == "train" else order[n_train:]
         per_class.append([(files[i], label) for i in sorted(chosen)])
-    return [d.name for d in dirs], _round_robin(per_class)
+    return [d.name for d in dirs], round_robin(per_class)
 
 
 def _folder_samples(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -72,7 +72,7 @@ def _folder_samples(root: Path, split: str) -> tuple[list[str], list[tuple[Path,
     if [d.name for d in split_dirs] != classes:
         raise ValueError(f"{root / split} has classes {[d.name for d in split_dirs]}, "
                          f"but {root / 'train'} has {classes}; both splits need the same class folders")
-    return classes, _round_robin([[(f, label) for f in _images(d)] for label, d in enumerate(split_dirs)])
+    return classes, round_robin([[(f, label) for f in _images(d)] for label, d in enumerate(split_dirs)])
 
 
 def load_resisc45(split: str, data_dir: str | Path, *, size: int = DEFAULT_SIZE) -> ImageFolderDataset:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pyens.data.datasets import TensorImageDataset, to_float_images
-from pyens.data.resisc import _round_robin  # the first n examples then cover every class
+from pyens.data.resisc import round_robin  # the first n examples then cover every class
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 NPZ_EXPECT = ("an .npz for --data holds x: images [N, C, H, W], float in [0, 1] (or uint8 0..255), and y: integer "
@@ -126,7 +126,7 @@ def load_image_folder(root: str | Path, *, size: tuple[int, int] | None = None, 
             raise FileNotFoundError(f"--data {root}: class folder {d.name}/ holds no images "
                                     f"({', '.join(sorted(IMAGE_EXTENSIONS))}); {expect}")
         per_class.append([(f, label) for f in files])
-    samples = _round_robin(per_class)[:n]
+    samples = round_robin(per_class)[:n]
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"--resize must be H or HxW with sizes >= 1, got {size}")
     pictures, first = [], None

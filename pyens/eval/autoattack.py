@@ -93,9 +93,9 @@ class AutoAttackDetail:
         return subs
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from pyens.eval.catalogue import _num_classes
+        from pyens.eval.catalogue import count_classes
 
-        subs = self.attacks(self.n_classes or _num_classes(self.model, x))
+        subs = self.attacks(self.n_classes or count_classes(self.model, x))
         self.sub_attacks = [sub_attack_name(a) for a in subs]
         self.sub_params = [sub_attack_params(a) for a in subs]
         out = x.clone()

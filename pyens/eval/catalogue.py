@@ -166,7 +166,8 @@ def pgd_specs(dataset: str | None = None, *, radii=None, steps: int = 50, k: int
 # ---------------------------------------------------------------------------------------------
 # adapters: the libraries' attacks as they are, behind ``attack(x, y) -> x_adv``
 
-def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+def count_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``model`` scores: its output width on one example of ``x``."""
     with torch.no_grad():
         return int(model(x[:1]).shape[-1])
 
@@ -183,7 +184,7 @@ class TorchattacksAttack:
 
         kwargs = dict(self.kwargs)
         if self.name == "AutoAttack":
-            kwargs.setdefault("n_classes", _num_classes(self.model, x))
+            kwargs.setdefault("n_classes", count_classes(self.model, x))
         return getattr(torchattacks, self.name)(self.model, **kwargs)(x, y).detach()
 
 
