@@ -136,3 +136,38 @@ def test_private_use_finder_finds_each_kind(tmp_path):
     assert private_uses(src) == ["test_probe.py:1 pyens.ops._internal", "test_probe.py:2 pyens.ops._internal",
                                  "test_probe.py:3 pyens.cli._flags", "test_probe.py:5 checkpoint._numpy_tuple",
                                  "test_probe.py:6 checkpoint._x"]
+
+
+def cross_package_private_imports(path: Path, module: str) -> list[str]:
+    """Imports in pyens module ``module`` of a private name that belongs to another package
+    (``pyens.eval.x`` importing ``pyens.attacks._y``); a package's own private modules and
+    the compiled extension ``pyens._C`` are fine."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pyens"):
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        for full in names:
+            parts = full.split(".")
+            first = next((i for i, p in enumerate(parts) if p.startswith("_") and not p.startswith("__")), None)
+            if full.startswith("pyens") and first is not None and full != "pyens._C":
+                owner = ".".join(parts[:first])
+                if owner != package:
+                    found.append(f"{module}:{node.lineno} {full}")
+    return found
+
+
+def test_no_module_imports_another_packages_private_name():
+    found = [use for name, path in sorted(_modules().items()) for use in cross_package_private_imports(path, name)]
+    assert not found, "private names imported across packages:\n" + "\n".join(found)
+
+
+def test_cross_package_finder_finds_them(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("from pyens.attacks._common import a\nfrom pyens.eval._y import b\nfrom pyens.eval import _z\n"
+                   "import pyens._C\nfrom pyens.cli import _f\n")
+    assert cross_package_private_imports(src, "pyens.eval.x") == [
+        "pyens.eval.x:1 pyens.attacks._common.a", "pyens.eval.x:5 pyens.cli._f"]

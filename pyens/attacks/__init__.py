@@ -18,7 +18,7 @@ Shared by the attacks and by evaluations (``pyens.eval.curves``' noise accuracy)
 Attacks take and return inputs in the box (default ``[0, 1]``), return detached tensors,
 never change the model's train/eval mode and never accumulate parameter gradients.
 """
-from pyens.attacks._common import random_start
+from pyens.attacks.common import random_start
 from pyens.attacks.losses import LOSSES, ce_loss, margin_loss
 from pyens.attacks.mimo import cross_gradient_ratio, mimo_gradient, mimo_msd, mimo_pgd
 from pyens.attacks.msd import MSD

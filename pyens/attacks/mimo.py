@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from pyens.attacks._common import (
+from pyens.attacks.common import (
     check_inputs,
     check_norm,
     check_run,
@@ -37,7 +37,7 @@ from pyens.attacks._common import (
     lp_params,
     per_entry,
 )
-from pyens.attacks._common import random_start as draw_start
+from pyens.attacks.common import random_start as draw_start
 from pyens.attacks.losses import ce_loss
 from pyens.attacks.msd import SCORES, SELECTS, check_k_range, msd_iterate
 from pyens.checks import choice_arg, flag_arg

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pyens.attacks._common import (
+from pyens.attacks.common import (
     check_inputs,
     check_run,
     evaluate,

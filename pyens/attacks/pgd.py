@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pyens.attacks._common import (
+from pyens.attacks.common import (
     check_inputs,
     check_norm,
     check_run,

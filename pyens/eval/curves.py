@@ -61,7 +61,7 @@ def pgd_steps_curve(attack_model: nn.Module, predict: nn.Module, x: torch.Tensor
                     box: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """``[len(checkpoints), B]`` bool: robust (clean-correct and correct) after each number of
     PGD steps, from one run. ``x: [B, C, H, W]``, ``y: [B]``."""
-    from pyens.attacks._common import iterate, loss_and_grad
+    from pyens.attacks.common import iterate, loss_and_grad
     from pyens.attacks.losses import ce_loss
 
     clean = predict_labels(predict, x) == y
