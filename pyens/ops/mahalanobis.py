@@ -231,14 +231,23 @@ def _setup(ctx, inputs, output):
     ctx.form, ctx.eps = form, eps
 
 
+def _needs(ctx) -> list[bool]:
+    """Which of x, P, centers autograd wants a gradient for (the backward kernels' ``needs``)."""
+    return [bool(n) for n in ctx.needs_input_grad[:3]]
+
+
+def _or_none(grads, needs) -> tuple:
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
 def _backward(ctx, grad_d, *_unused):  # ut and v are not differentiable
     """DML eq. 2's gradients in one backend call that computes only what ``needs`` asks for."""
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    needs = _needs(ctx)
     if not any(needs):
         return None, None, None, None, None
     x, P, centers, d, ut, v = ctx.saved_tensors
     grads = MAHALANOBIS_BACKWARD.within(ctx)(grad_d.contiguous(), x, P, centers, d, ut, v, ctx.form, ctx.eps, needs)
-    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+    return (*_or_none(grads, needs), None, None)
 
 
 def _rsetup(ctx, inputs, output):
@@ -249,13 +258,13 @@ def _rsetup(ctx, inputs, output):
 
 def _rbackward(ctx, grad_d):
     """Eq. 4-5's gradients; the draws are regenerated from the seed (or read from ``noise``)."""
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    needs = _needs(ctx)
     if not any(needs):
         return (None,) * 9
     x, P, centers, noise, seed = ctx.saved_tensors
     grads = RANDOMIZED_BACKWARD.within(ctx)(grad_d.contiguous(), x, P, centers, noise, seed, ctx.samples,
                                             ctx.sigma, ctx.form, ctx.eps, needs)
-    return (*(g if n else None for g, n in zip(grads, needs)),) + (None,) * 6
+    return _or_none(grads, needs) + (None,) * 6
 
 
 MAHALANOBIS_BACKWARD = RegisteredOp("mahalanobis_backward", _backward_impl, fake=_fake_backward)
